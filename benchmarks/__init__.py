@@ -1,0 +1,1 @@
+"""Benchmarks, the demo and their reports (may import every package of the project)."""

@@ -1,0 +1,1 @@
+"""Triton model repository, server launcher, gRPC client library and CLI (planned)."""

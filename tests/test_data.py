@@ -1,0 +1,107 @@
+"""COCO loading (compressed RLE, uncompressed RLE, polygons), aligned transforms, padding to 32, validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from training.data.batching import collate
+from training.data.coco import CocoInstances, ImageFolder, ResizePolicy, validate_coco
+from training.errors import UserError
+
+
+def write_dataset(root: Path, height: int = 60, width: int = 90) -> Path:
+    """One image with a bright square (compressed RLE), a polygon triangle and an uncompressed-RLE bar."""
+    (root / "images").mkdir(parents=True)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[10:30, 10:30] = 255
+    Image.fromarray(image).save(root / "images" / "a.png")
+    square = np.zeros((height, width), np.uint8, order="F")
+    square[10:30, 10:30] = 1
+    rle = mask_utils.encode(square)
+    rle["counts"] = rle["counts"].decode()
+    bar = np.zeros((height, width), np.uint8)
+    bar[50:55, 0:80] = 1
+    flat = bar.flatten(order="F")  # uncompressed RLE counts alternate zeros and ones, column-major
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]])))
+    counts = np.diff(np.concatenate([[0], changes])).tolist()
+    data = {
+        "images": [{"id": 5, "file_name": "a.png", "width": width, "height": height}],
+        "categories": [{"id": 3, "name": "thing"}, {"id": 9, "name": "other"}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 3, "segmentation": rle, "iscrowd": 0},
+            {"id": 2, "image_id": 5, "category_id": 9, "segmentation": [[40, 10, 80, 10, 60, 40]], "iscrowd": 0},
+            {"id": 3, "image_id": 5, "category_id": 3, "segmentation": {"size": [height, width], "counts": counts}},
+        ],
+    }
+    (root / "ann.json").write_text(json.dumps(data))
+    return root
+
+
+def test_all_mask_encodings_decode(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path)
+    sample = CocoInstances(root / "images", root / "ann.json", ResizePolicy((60,), 1000))[0]
+    assert sample.image.shape == (3, 60, 90) and sample.masks.shape == (3, 60, 90)
+    assert sample.labels.tolist() == [0, 1, 0]  # category ids 3, 9, 3 -> contiguous labels
+    assert sample.masks[0].sum() == 400 and sample.masks[0, 10:30, 10:30].all()
+    assert 500 < sample.masks[1].sum() < 700  # triangle of base 40 and height 30
+    assert sample.masks[2].sum() == 400 and sample.masks[2, 50:55, 0:80].all()
+    assert sample.image_id == 5
+
+
+def test_class_agnostic_merges_categories(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path)
+    dataset = CocoInstances(root / "images", root / "ann.json", ResizePolicy((60,), 1000), class_agnostic=True)
+    assert dataset.category_ids == [1] and dataset.class_names == ["object"]
+    assert dataset[0].labels.tolist() == [0, 0, 0]
+
+
+def test_resize_and_flip_keep_masks_on_their_pixels(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path)
+    dataset = CocoInstances(root / "images", root / "ann.json", ResizePolicy((120,), 1000, hflip=True))
+    for seed in range(6):  # both flip outcomes occur
+        sample = dataset[(0, seed)]
+        assert sample.image.shape == (3, 120, 180)
+        bright = sample.image[0] > 128
+        square = sample.masks[0].bool()
+        assert (bright & square).sum() / square.sum() > 0.97 and (bright & ~square).sum() < 0.03 * square.sum()
+        assert sample.geometry.resized_height == 120 and sample.geometry.original_width == 90
+
+
+def test_collate_pads_to_a_multiple_of_32(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path)
+    dataset = CocoInstances(root / "images", root / "ann.json", ResizePolicy((60,), 1000))
+    batch = collate([dataset[0], dataset[0]])
+    assert batch.images.shape == (2, 3, 64, 96) and batch.masks[0].shape == (3, 64, 96)
+    assert batch.images[:, :, 60:].sum() == 0 and batch.images[:, :, :, 90:].sum() == 0
+    assert torch.equal(batch.masks[0][:, :60, :90], dataset[0].masks)
+
+
+def test_image_folder_reads_unlabeled_images(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path)
+    sample = ImageFolder.from_folder(root / "images", ResizePolicy((30,), 1000))[0]
+    assert sample.image.shape == (3, 30, 45) and sample.masks.shape == (0, 30, 45)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("annotations"), "'annotations' must be a list"),
+        (lambda d: d["images"][0].pop("file_name"), "images[0] has no 'file_name'"),
+        (lambda d: d["annotations"][0].update(image_id=77), "refers to unknown image 77"),
+        (lambda d: d["annotations"][0].update(category_id=4), "refers to unknown category 4"),
+        (lambda d: d["annotations"][1].update(segmentation="x"), "neither RLE nor polygons"),
+        (lambda d: d.update(images=[]), "no images"),
+    ],
+)
+def test_schema_problems_name_the_entry(tmp_path: Path, mutate, message: str) -> None:
+    data = json.loads((write_dataset(tmp_path) / "ann.json").read_text())
+    mutate(data)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_coco(data, tmp_path / "ann.json")

@@ -1,0 +1,251 @@
+"""The training package's subcommands: ``data synth``, ``train``, ``eval``, ``predict``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from training.config import available_presets, load_preset
+from training.data.coco import CocoInstances, ImageFolder, ResizePolicy
+from training.data.images import IMAGE_SUFFIXES, list_images, read_rgb
+from training.errors import UserError
+from training.fileio import atomic_write_text
+
+ArgumentGroup = Any  # argparse's _SubParsersAction is private
+
+
+def register(commands: ArgumentGroup) -> None:
+    """Add this package's subcommands to the ``freesolo`` parser."""
+    _register_data(commands)
+    _register_train(commands)
+    _register_eval(commands)
+    _register_predict(commands)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _register_data(commands: ArgumentGroup) -> None:
+    data = commands.add_parser(
+        "data", help="datasets: generate the synthetic default set", description="Dataset tools."
+    )
+    kinds = data.add_subparsers(dest="data_command", metavar="KIND", required=True)
+    synth = kinds.add_parser(
+        "synth",
+        help="write the labelled synthetic COCO set (GT is used for evaluation only)",
+        description="Procedurally generated scenes (textured shapes occluding each other on textured backgrounds) "
+        "with COCO instance json (RLE). Writes DIR/train/, DIR/train.json, DIR/val/, DIR/val.json. "
+        "Deterministic by seed.",
+    )
+    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    synth.add_argument("--train", type=int, default=1000, metavar="N", help="training images (default 1000)")
+    synth.add_argument("--val", type=int, default=200, metavar="N", help="validation images (default 200)")
+    synth.add_argument("--size", type=int, default=128, metavar="PX", help="image side in pixels (default 128)")
+    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    synth.set_defaults(handler=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from training.data.synth import write_synthetic_dataset
+
+    counts = write_synthetic_dataset(args.out, args.train, args.val, args.size, args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    return 0
+
+
+def _register_train(commands: ArgumentGroup) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train SOLOv2 on a COCO-format set",
+        description="Train SOLOv2. Writes RUN/config.yaml, RUN/checkpoint.pt (latest, for --resume), RUN/model.pt "
+        "(final weights), RUN/log.jsonl and RUN/loss_curve.png. Runs under torchrun for DDP "
+        "(torchrun --standalone --nproc_per_node 2 -m training.cli train ...).",
+    )
+    train.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of the training images")
+    train.add_argument("--ann", type=Path, required=True, metavar="ANN.json", help="COCO instances json")
+    train.add_argument("--out", type=Path, required=True, metavar="RUN", help="run directory")
+    train.add_argument(
+        "--mode", choices=["supervised"], default="supervised", help="supervised: full GT masks (default)"
+    )
+    train.add_argument(
+        "--preset", default="tiny", choices=available_presets(), help="model/schedule preset (default tiny)"
+    )
+    train.add_argument("--iters", type=positive_int, metavar="N", help="override the preset's number of iterations")
+    train.add_argument("--batch-size", type=positive_int, metavar="N", help="override the preset's batch size")
+    train.add_argument("--lr", type=float, metavar="LR", help="override the preset's base learning rate")
+    train.add_argument("--seed", type=int, metavar="S", help="override the random seed")
+    train.add_argument("--workers", type=int, metavar="N", help="override the number of data-loading processes")
+    train.add_argument(
+        "--class-agnostic",
+        action="store_true",
+        help="merge all categories into one 'object' class (the upper bound for class-agnostic AP)",
+    )
+    train.add_argument(
+        "--init",
+        type=Path,
+        metavar="CKPT",
+        help="initial weights: a FreeSOLO checkpoint or a torchvision ResNet state dict",
+    )
+    train.add_argument("--resume", action="store_true", help="continue RUN from its checkpoint.pt")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.config import config_from_dict
+    from training.engine.distributed import is_main_process
+    from training.engine.trainer import RunPaths, load_initial_weights, new_metadata, resumable_state, train_loop
+    from training.models import SOLOv2
+    from training.supervised import supervised_loss
+
+    run = RunPaths(args.out)
+    state = resumable_state(run, args.resume)
+    config = config_from_dict(state["config"]) if state else load_preset(args.preset)
+    solver_overrides = {
+        key: value
+        for key, value in (
+            ("iters", args.iters),
+            ("batch_size", args.batch_size),
+            ("base_lr", args.lr),
+            ("num_workers", args.workers),
+        )
+        if value is not None
+    }
+    config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, **solver_overrides))
+    if args.seed is not None:
+        config = dataclasses.replace(config, seed=args.seed)
+    policy = ResizePolicy(tuple(config.input.train_sizes), config.input.max_size, config.input.hflip)
+    class_agnostic = args.class_agnostic or (state is not None and state["metadata"].get("class_names") == ["object"])
+    dataset = CocoInstances(args.images, args.ann, policy, class_agnostic)
+    if not state:
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, num_classes=len(dataset.category_ids))
+        )
+    model = SOLOv2(config.model)
+    say = print if is_main_process() else (lambda *_: None)
+    if args.init and not state:
+        say(load_initial_weights(model, args.init))
+    metadata = new_metadata(dataset.class_names, dataset.category_ids)
+    if state and state["iteration"] >= config.solver.iters:
+        say(f"{run.root} already has {state['iteration']} iterations (--iters {config.solver.iters}); nothing to train")
+    elif state:
+        say(f"resuming {run.root} from iteration {state['iteration']}")
+    model_path = train_loop(
+        config, model, dataset, supervised_loss(config), run, metadata, state, progress=not args.no_progress
+    )
+    say(f"model: {model_path}")
+    return 0
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments every command that runs a trained model shares."""
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="model.pt or checkpoint.pt")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _register_eval(commands: ArgumentGroup) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="COCO mask and box AP/AR with pycocotools",
+        description="Evaluate a checkpoint on a COCO-format set with pycocotools: mask (segm) and box AP/AR, "
+        "per class or class-agnostic (useCats=0).",
+    )
+    add_inference_arguments(evaluate)
+    evaluate.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of the images")
+    evaluate.add_argument("--ann", type=Path, required=True, metavar="GT.json", help="ground-truth COCO json")
+    evaluate.add_argument("--class-agnostic", action="store_true", help="ignore categories (useCats=0)")
+    evaluate.add_argument("--json", type=Path, metavar="OUT", help="write the metrics as json (fractions in [0, 1])")
+    evaluate.add_argument("--results", type=Path, metavar="OUT", help="also write the COCO results json")
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import coco_metrics, format_table, load_ground_truth
+    from training.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    dataset = CocoInstances(args.images, args.ann, predictor.test_policy)
+    results = [
+        r
+        for _, batch_results in predictor.iterate(dataset, args.batch_size, not args.no_progress, "eval")
+        for image in batch_results
+        for r in image
+    ]
+    metrics = coco_metrics(load_ground_truth(args.ann), results, args.class_agnostic)
+    mode = "class-agnostic" if args.class_agnostic else "per class"
+    print(format_table(metrics, f"{args.checkpoint} on {args.ann} ({mode}, {len(dataset)} images)"))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+    if args.results:
+        atomic_write_text(args.results, json.dumps(results) + "\n")
+    return 0
+
+
+def _register_predict(commands: ArgumentGroup) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="segment images; COCO results json and overlay pictures",
+        description="Segment images with a checkpoint. Writes COCO results (RLE masks at the original size, xywh "
+        "boxes, scores; image_id is the index in the given order and file_name names the image).",
+    )
+    add_inference_arguments(predict)
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
+    predict.add_argument("--out", type=Path, required=True, metavar="preds.json", help="COCO results json")
+    predict.add_argument("--vis", type=Path, metavar="DIR", help="write overlay PNGs here")
+    predict.add_argument(
+        "--vis-thr", type=float, default=0.3, metavar="T", help="draw detections with score >= T (default 0.3)"
+    )
+    predict.set_defaults(handler=run_predict)
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their images; a missing path is an error naming it."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += list_images(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"image not found: {path}")
+    return files
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from training.inference import Predictor
+    from training.visualize import save_overlay
+
+    files = expand_images(args.images)
+    for file in files:
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(f"not an image file (by its suffix): {file}")
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    dataset = ImageFolder(files, predictor.test_policy)
+    results: list[dict[str, Any]] = []
+    for batch, batch_results in predictor.iterate(dataset, args.batch_size, not args.no_progress):
+        for index, image_results in zip(batch.image_ids, batch_results, strict=True):
+            for result in image_results:
+                result["file_name"] = str(files[index])
+            results += image_results
+            if args.vis:
+                shown = [r for r in image_results if r["score"] >= args.vis_thr]
+                save_overlay(
+                    args.vis / f"{index:04d}_{files[index].stem}.png",
+                    read_rgb(files[index]),
+                    shown,
+                    predictor.names_by_category,
+                )
+    atomic_write_text(args.out, json.dumps(results) + "\n")
+    print(
+        f"{len(results)} detections in {len(files)} images -> {args.out}"
+        + (f"; overlays in {args.vis}" if args.vis else "")
+    )
+    return 0

@@ -1,0 +1,151 @@
+"""One config system: nested dataclasses with defaults = the paper's SOLOv2, overridden by YAML presets.
+
+A preset file (``training/presets/<name>.yaml``) lists only what differs from the defaults. The full config is
+written into every run directory and every checkpoint, so a checkpoint always rebuilds its own model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    """SOLOv2 architecture (REFERENCE.md: SOLOv2)."""
+
+    depth: int = 50
+    frozen_bn: bool = False
+    fpn_channels: int = 256
+    head_channels: int = 512
+    head_convs: int = 4
+    mask_branch_channels: int = 128
+    mask_channels: int = 256  # E: mask feature channels = dynamic 1x1 kernel size D
+    num_classes: int = 80
+    strides: list[int] = field(default_factory=lambda: [8, 8, 16, 32, 32])
+    grids: list[int] = field(default_factory=lambda: [40, 36, 24, 16, 12])
+    scale_ranges: list[list[float]] = field(
+        default_factory=lambda: [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
+    )
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (REFERENCE.md: Dice weight 3, focal alpha 0.25 gamma 2 weight 1, center sampling sigma 0.2)."""
+
+    dice_weight: float = 3.0
+    focal_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    center_sigma: float = 0.2
+
+
+@dataclass
+class InputConfig:
+    """Resize policy: shorter side to one of ``train_sizes`` (test: ``test_size``), longer side at most ``max_size``;
+    the batch is then padded to a multiple of ``size_divisor``."""
+
+    train_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    test_size: int = 800
+    max_size: int = 1333
+    size_divisor: int = 32
+    hflip: bool = True
+
+
+@dataclass
+class SolverConfig:
+    """Schedule (REFERENCE.md: SGD, lr 0.01 for 16 images, momentum 0.9, wd 1e-4, clip 35, warm-up 500).
+    ``optimizer`` is "sgd" (the paper's) or "adamw" (weight decay on conv/linear weights only)."""
+
+    optimizer: str = "sgd"
+    batch_size: int = 16
+    iters: int = 90000
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.01
+    lr_steps: list[float] = field(default_factory=lambda: [0.667, 0.889])  # fractions of iters
+    lr_gamma: float = 0.1
+    grad_clip: float = 35.0
+    checkpoint_period: int = 1000
+    log_period: int = 20
+    num_workers: int = 2
+
+
+@dataclass
+class InferenceConfig:
+    """Post-processing (REFERENCE.md: SOLOv2 inference)."""
+
+    score_thr: float = 0.1
+    mask_thr: float = 0.5
+    nms_pre: int = 500
+    update_thr: float = 0.05
+    max_per_img: int = 100
+    nms_kernel: str = "gaussian"
+    nms_sigma: float = 2.0
+
+
+@dataclass
+class Config:
+    """Everything needed to rebuild a model and its training run."""
+
+    preset: str = "r50"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _merge(instance: Any, updates: dict[str, Any], where: str) -> Any:
+    """Return a copy of a dataclass with ``updates`` applied, rejecting unknown keys (typos must not pass silently)."""
+    known = {f.name: f for f in dataclasses.fields(instance)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in known:
+            raise UserError(f"unknown config key '{where}{key}' (known: {', '.join(sorted(known))})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{where}{key}' must be a mapping")
+            value = _merge(current, value, f"{where}{key}.")
+        changes[key] = value
+    return dataclasses.replace(instance, **changes)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from its ``to_dict`` form (checkpoints, config.yaml)."""
+    return _merge(Config(), data, "")
+
+
+def load_preset(name: str) -> Config:
+    """The default Config overridden by ``presets/<name>.yaml``."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}' (available: {', '.join(available_presets())})")
+    data = yaml.safe_load(path.read_text()) or {}
+    config = _merge(Config(), data, "")
+    return dataclasses.replace(config, preset=name)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,53 @@
+"""Samples and batches: images padded (bottom/right, zeros) to a common multiple of 32."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from training.results import ImageGeometry
+
+
+@dataclass
+class Sample:
+    """One preprocessed image with its instances (masks/labels are empty for unlabeled images)."""
+
+    image: torch.Tensor  # uint8 [3, H, W] after resize
+    masks: torch.Tensor  # uint8 [N, H, W]
+    labels: torch.Tensor  # int64 [N], contiguous labels in [0, C)
+    image_id: int
+    geometry: ImageGeometry
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, H, W], H and W multiples of the size divisor
+    masks: list[torch.Tensor]  # per image uint8 [N_i, H, W] padded like the images
+    labels: list[torch.Tensor]
+    image_ids: list[int]
+    geometries: list[ImageGeometry]
+
+
+def padded_size(sizes: list[tuple[int, int]], divisor: int) -> tuple[int, int]:
+    """Smallest (H, W) that holds every size and is a multiple of ``divisor``."""
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
+
+
+def pad_to(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.pad(tensor, (0, size[1] - tensor.shape[-1], 0, size[0] - tensor.shape[-2]))
+
+
+def collate(samples: list[Sample], size_divisor: int = 32) -> Batch:
+    size = padded_size([tuple(s.image.shape[-2:]) for s in samples], size_divisor)
+    return Batch(
+        images=torch.stack([pad_to(s.image, size) for s in samples]),
+        masks=[pad_to(s.masks, size) for s in samples],
+        labels=[s.labels for s in samples],
+        image_ids=[s.image_id for s in samples],
+        geometries=[s.geometry for s in samples],
+    )

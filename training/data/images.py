@@ -1,0 +1,35 @@
+"""Reading images with errors that name the file, and finding images in a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from training.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Decompression-bomb guard: a 100-megapixel ceiling is far above any photograph this project sees.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """[H, W, 3] uint8 RGB; a missing or unreadable file raises UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted; an empty or missing folder raises UserError."""
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"no images in {folder} (looked for {' '.join(IMAGE_SUFFIXES)})")
+    return files

@@ -1,0 +1,43 @@
+"""Resize and flip that keep masks aligned with their image, plus the resize policy shared by training,
+evaluation, prediction and serving (shorter side to a target, longer side capped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``."""
+    scale = short_side / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_tensor_image(image: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [3, H, W] uint8."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased resize of a [3, H, W] uint8 image."""
+    if tuple(image.shape[-2:]) == size:
+        return image
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize binary [N, H, W] masks by bilinear interpolation and a 0.5 threshold (smoother than nearest)."""
+    if tuple(masks.shape[-2:]) == size:
+        return masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    resized = F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)
+    return (resized[0] >= 0.5).to(masks.dtype)
+
+
+def hflip(image: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return image.flip(-1), masks.flip(-1)

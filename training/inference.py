@@ -1,0 +1,78 @@
+"""Running a trained SOLOv2 on batches: raw outputs -> graph-contract detections -> COCO results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.checkpoint import model_from_checkpoint
+from training.config import Config
+from training.data.batching import Batch, collate
+from training.data.coco import ResizePolicy
+from training.models import SOLOv2
+from training.models.postprocess import Detections, postprocess
+from training.results import image_results
+
+
+class Predictor:
+    """A model in eval mode with its config and label -> category-id map."""
+
+    def __init__(self, model: SOLOv2, config: Config, category_ids: list[int], class_names: list[str]) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.category_ids = category_ids
+        self.class_names = class_names
+
+    @classmethod
+    def from_checkpoint(cls, path: Path) -> Predictor:
+        model, config, metadata = model_from_checkpoint(path)
+        category_ids = metadata.get("category_ids") or list(range(1, config.model.num_classes + 1))
+        class_names = metadata.get("class_names") or [str(c) for c in category_ids]
+        return cls(model, config, category_ids, class_names)
+
+    @property
+    def names_by_category(self) -> dict[int, str]:
+        return dict(zip(self.category_ids, self.class_names, strict=True))
+
+    @property
+    def test_policy(self) -> ResizePolicy:
+        return ResizePolicy((self.config.input.test_size,), self.config.input.max_size)
+
+    @torch.inference_mode()
+    def detections(self, images: torch.Tensor) -> Detections:
+        """uint8 [B, 3, H, W] (H, W multiples of 32) -> fixed-K detections."""
+        return postprocess(self.model(images), self.config.inference, self.config.model.strides)
+
+    def batch_results(self, batch: Batch) -> list[list[dict[str, Any]]]:
+        """COCO results of every image of a batch, at the original image sizes."""
+        dets = self.detections(batch.images)
+        return [
+            image_results(
+                int(dets.num_dets[i]),
+                dets.scores[i].numpy(),
+                dets.labels[i].numpy(),
+                dets.masks[i].numpy(),
+                batch.geometries[i],
+                batch.image_ids[i],
+                self.category_ids,
+            )
+            for i in range(len(batch.image_ids))
+        ]
+
+    def iterate(
+        self, dataset: Dataset, batch_size: int, progress: bool = True, desc: str = "predict"
+    ) -> Iterator[tuple[Batch, list[list[dict[str, Any]]]]]:
+        """Batches of a dataset with their results, with a progress bar."""
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=lambda s: collate(s, self.config.input.size_divisor),
+        )
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+            yield batch, self.batch_results(batch)

@@ -1,0 +1,50 @@
+"""The SOLOv2 network: uint8 images in, raw head tensors out (normalisation happens inside, as in the graph
+contract of DESIGN.md). Targets/losses live in ``targets.py``/``losses.py``; post-processing in ``postprocess.py``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from training.config import ModelConfig
+from training.models.backbone import ResNetFPN
+from training.models.heads import InstanceHead, MaskFeatureBranch
+
+
+class SOLOv2Output(NamedTuple):
+    """Raw predictions before post-processing."""
+
+    cate_logits: list[torch.Tensor]  # per level [B, C, S, S]
+    kernels: list[torch.Tensor]  # per level [B, E, S, S] (1x1 dynamic kernels)
+    mask_features: torch.Tensor  # [B, E, H/4, W/4]
+
+
+class SOLOv2(nn.Module):
+    """ResNet-FPN backbone + instance head + unified mask-feature branch."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = ResNetFPN(config.depth, config.fpn_channels, config.frozen_bn)
+        self.head = InstanceHead(
+            config.fpn_channels,
+            config.num_classes,
+            config.head_channels,
+            config.head_convs,
+            config.mask_channels,
+            config.grids,
+        )
+        self.mask_branch = MaskFeatureBranch(config.fpn_channels, config.mask_branch_channels, config.mask_channels)
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or 0-255 float) RGB -> zero-mean, unit-variance float."""
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: torch.Tensor) -> SOLOv2Output:
+        pyramid = self.backbone(self.normalize(images))
+        cate_logits, kernels = self.head(pyramid)
+        return SOLOv2Output(cate_logits, kernels, self.mask_branch(pyramid[:4]))

@@ -1,0 +1,1 @@
+"""The Matrix NMS plugin: GPU kernel, ONNX node/function, TensorRT registration (planned)."""
