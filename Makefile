@@ -9,7 +9,7 @@ FREESOLO := $(BIN)/freesolo
 
 DEMO := runs/demo
 DEMO_DATA := $(DEMO)/data
-DEMO_ITERS ?= 500
+DEMO_ITERS ?= 400
 
 .PHONY: venv test demo bench lint format clean
 
@@ -18,7 +18,6 @@ venv: $(STAMP)
 # torch/torchvision are pinned to the builds this project is tested with (CUDA wheels that also run on the CPU).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
