@@ -35,3 +35,14 @@ def test_unknown_preset_and_unknown_keys_are_user_errors() -> None:
         config_from_dict({"model": {"dept": 18}})
     with pytest.raises(UserError, match="must be a mapping"):
         config_from_dict({"solver": 3})
+
+
+def test_frozen_bn_option_freezes_backbone_norms() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from training.models import SOLOv2
+
+    config = load_preset("tiny")
+    config.model.frozen_bn = True
+    norms = [m for m in SOLOv2(config.model).backbone.body.modules() if "Norm" in type(m).__name__]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)

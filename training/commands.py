@@ -122,7 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
     policy = ResizePolicy(tuple(config.input.train_sizes), config.input.max_size, config.input.hflip)
-    class_agnostic = args.class_agnostic or (state is not None and state["metadata"].get("class_names") == ["object"])
+    class_agnostic = state["metadata"].get("class_agnostic", False) if state else args.class_agnostic
     dataset = CocoInstances(args.images, args.ann, policy, class_agnostic)
     if not state:
         config = dataclasses.replace(
@@ -132,7 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
     say = print if is_main_process() else (lambda *_: None)
     if args.init and not state:
         say(load_initial_weights(model, args.init))
-    metadata = new_metadata(dataset.class_names, dataset.category_ids)
+    metadata = {**new_metadata(dataset.class_names, dataset.category_ids), "class_agnostic": class_agnostic}
     if state and state["iteration"] >= config.solver.iters:
         say(f"{run.root} already has {state['iteration']} iterations (--iters {config.solver.iters}); nothing to train")
     elif state:
