@@ -8,8 +8,7 @@ STAMP := $(VENV)/.installed
 FREESOLO := $(BIN)/freesolo
 
 DEMO := runs/demo
-DEMO_DATA := $(DEMO)/data
-DEMO_ITERS ?= 400
+DEMO_ARGS ?=
 
 .PHONY: venv test demo bench lint format clean
 
@@ -35,7 +34,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks.demo --out $(DEMO) --iters $(DEMO_ITERS)
+	$(BIN)/python -m benchmarks.demo --out $(DEMO) $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out runs/bench

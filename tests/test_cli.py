@@ -14,7 +14,18 @@ from pycocotools import mask as mask_utils
 
 from training.cli import main
 
-SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["eval"], ["predict"]]
+SUBCOMMANDS = [
+    ["data"],
+    ["data", "synth"],
+    ["train"],
+    ["eval"],
+    ["predict"],
+    ["pretrain"],
+    ["freemask"],
+    ["selftrain"],
+    ["pipeline"],
+    ["export-backbone"],
+]
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -139,3 +139,9 @@ def test_boxes_from_masks_of_empty_masks_are_zero() -> None:
     masks = torch.zeros(2, 8, 8)
     masks[1, 3, 5] = 1
     assert boxes_from_masks(masks).tolist() == [[0, 0, 0, 0], [20, 12, 24, 16]]
+
+
+def test_cells_name_the_grid_cell_of_each_detection() -> None:
+    # A at level 0 (4x4) cell (0, 0) -> 0; B at level 1 (4x4) cell (2, 2) -> 16 + 2 * 4 + 2 = 26.
+    dets = run(crafted_output([(0, 0, 0, "A", 0.9), (1, 2, 2, "B", 0.8)]))
+    assert dets["cells"][0, :2].tolist() == [0, 26]

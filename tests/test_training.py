@@ -57,11 +57,11 @@ def crashing_after(calls: int, loss_fn):
     """The real loss, but the process 'dies' on call number ``calls`` (after the checkpoint before it)."""
     count = {"n": 0}
 
-    def wrapped(network, batch):
+    def wrapped(network, batch, iteration):
         count["n"] += 1
         if count["n"] == calls:
             raise Crash("simulated crash")
-        return loss_fn(network, batch)
+        return loss_fn(network, batch, iteration)
 
     return wrapped
 
@@ -142,3 +142,29 @@ def test_torchrun_two_processes(synth_data: Path, tmp_path: Path) -> None:
     payload = load_checkpoint(run / "model.pt")
     assert payload["metadata"]["iteration"] == 2
     assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [2]
+
+
+def test_class_agnostic_training_has_one_class(synth_data: Path, tmp_path: Path) -> None:
+    from training.cli import main
+
+    run = tmp_path / "agnostic"
+    argv = [
+        "train",
+        "--images",
+        str(synth_data / "train"),
+        "--ann",
+        str(synth_data / "train.json"),
+        "--out",
+        str(run),
+        "--class-agnostic",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    checkpoint = load_checkpoint(run / "model.pt")
+    assert checkpoint["metadata"]["class_agnostic"] is True
+    assert checkpoint["config"]["model"]["num_classes"] == 1
+    assert checkpoint["model"]["head.cate_pred.weight"].shape[0] == 1

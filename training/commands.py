@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.config import available_presets, load_preset
-from training.data.coco import CocoInstances, ImageFolder, ResizePolicy
+from training.config import Config, apply_overrides, available_presets, config_from_dict, load_preset
+from training.data.coco import CocoInstances, ImageFolder
 from training.data.images import IMAGE_SUFFIXES, list_images, read_rgb
 from training.errors import UserError
+from training.export_backbone import register as register_export_backbone
 from training.fileio import atomic_write_text
+from training.pretrain import register as register_pretrain
 
 ArgumentGroup = Any  # argparse's _SubParsersAction is private
 
@@ -20,9 +22,64 @@ ArgumentGroup = Any  # argparse's _SubParsersAction is private
 def register(commands: ArgumentGroup) -> None:
     """Add this package's subcommands to the ``freesolo`` parser."""
     _register_data(commands)
+    register_pretrain(commands)
     _register_train(commands)
+    _register_freemask(commands)
+    _register_selftrain(commands)
+    _register_pipeline(commands)
     _register_eval(commands)
     _register_predict(commands)
+    register_export_backbone(commands)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset and --set, shared by every command that builds a config."""
+    parser.add_argument("--preset", default="tiny", choices=available_presets(), help="config preset (default tiny)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set weak.pairwise_weight=0 (repeatable; see config.yaml of a run)",
+    )
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    return apply_overrides(load_preset(args.preset), args.set)
+
+
+def _register_freemask(commands: ArgumentGroup) -> None:
+    freemask = commands.add_parser(
+        "freemask",
+        help="coarse instance masks without labels (Free Mask)",
+        description="Free Mask: coarse masks from a self-supervised backbone's res5 features (pyramid queries, "
+        "cosine score maps, maskness, class-agnostic Matrix NMS), each with an embedding. Writes a COCO instances "
+        "json (RLE masks, x,y,w,h boxes, score, embedding) that trains with `freesolo train --mode weak`. "
+        "Resumable (finished images are skipped) and sharded over processes under torchrun.",
+    )
+    freemask.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of unlabeled images")
+    freemask.add_argument(
+        "--backbone",
+        type=Path,
+        required=True,
+        metavar="CKPT",
+        help="a `freesolo pretrain` run's model.pt, a FreeSOLO checkpoint or a torchvision ResNet state dict",
+    )
+    freemask.add_argument("--out", type=Path, required=True, metavar="coarse.json", help="output json")
+    add_config_arguments(freemask)
+    freemask.add_argument("--no-progress", action="store_true", help="no progress bar")
+    freemask.set_defaults(handler=run_freemask_command)
+
+
+def run_freemask_command(args: argparse.Namespace) -> int:
+    from training.engine.distributed import is_main_process
+    from training.freemask_run import run_freemask
+
+    files = list_images(args.images)
+    count = run_freemask(files, args.images, args.backbone, args.out, config_from_arguments(args), not args.no_progress)
+    if is_main_process():
+        print(f"{count} coarse masks for {len(files)} images -> {args.out}")
+    return 0
 
 
 def positive_int(text: str) -> int:
@@ -72,11 +129,13 @@ def _register_train(commands: ArgumentGroup) -> None:
     train.add_argument("--ann", type=Path, required=True, metavar="ANN.json", help="COCO instances json")
     train.add_argument("--out", type=Path, required=True, metavar="RUN", help="run directory")
     train.add_argument(
-        "--mode", choices=["supervised"], default="supervised", help="supervised: full GT masks (default)"
+        "--mode",
+        choices=["supervised", "weak"],
+        default="supervised",
+        help="supervised: full GT masks (default); weak: FreeSOLO's self-supervised SOLO on coarse masks "
+        "(a `freesolo freemask` json), one 'object' class",
     )
-    train.add_argument(
-        "--preset", default="tiny", choices=available_presets(), help="model/schedule preset (default tiny)"
-    )
+    add_config_arguments(train)
     train.add_argument("--iters", type=positive_int, metavar="N", help="override the preset's number of iterations")
     train.add_argument("--batch-size", type=positive_int, metavar="N", help="override the preset's batch size")
     train.add_argument("--lr", type=float, metavar="LR", help="override the preset's base learning rate")
@@ -99,15 +158,14 @@ def _register_train(commands: ArgumentGroup) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.config import config_from_dict
-    from training.engine.distributed import is_main_process
-    from training.engine.trainer import RunPaths, load_initial_weights, new_metadata, resumable_state, train_loop
-    from training.models import SOLOv2
-    from training.supervised import supervised_loss
+    from training.engine.trainer import RunPaths, resumable_state
+    from training.solo_training import train_solo, with_solver_overrides
 
     run = RunPaths(args.out)
     state = resumable_state(run, args.resume)
-    config = config_from_dict(state["config"]) if state else load_preset(args.preset)
+    config = apply_overrides(config_from_dict(state["config"]), args.set) if state else config_from_arguments(args)
+    metadata = state["metadata"] if state else {}
+    mode = metadata.get("mode", args.mode)
     solver_overrides = {
         key: value
         for key, value in (
@@ -118,29 +176,20 @@ def run_train(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, **solver_overrides))
+    config = with_solver_overrides(config, mode, solver_overrides)
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
-    policy = ResizePolicy(tuple(config.input.train_sizes), config.input.max_size, config.input.hflip)
-    class_agnostic = state["metadata"].get("class_agnostic", False) if state else args.class_agnostic
-    dataset = CocoInstances(args.images, args.ann, policy, class_agnostic)
-    if not state:
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, num_classes=len(dataset.category_ids))
-        )
-    model = SOLOv2(config.model)
-    say = print if is_main_process() else (lambda *_: None)
-    if args.init and not state:
-        say(load_initial_weights(model, args.init))
-    metadata = {**new_metadata(dataset.class_names, dataset.category_ids), "class_agnostic": class_agnostic}
-    if state and state["iteration"] >= config.solver.iters:
-        say(f"{run.root} already has {state['iteration']} iterations (--iters {config.solver.iters}); nothing to train")
-    elif state:
-        say(f"resuming {run.root} from iteration {state['iteration']}")
-    model_path = train_loop(
-        config, model, dataset, supervised_loss(config), run, metadata, state, progress=not args.no_progress
+    train_solo(
+        args.images,
+        args.ann,
+        run,
+        config,
+        state,
+        mode=mode,
+        class_agnostic=metadata.get("class_agnostic", args.class_agnostic),
+        init=args.init,
+        progress=not args.no_progress,
     )
-    say(f"model: {model_path}")
     return 0
 
 
@@ -149,6 +198,77 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="model.pt or checkpoint.pt")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _register_selftrain(commands: ArgumentGroup) -> None:
+    selftrain = commands.add_parser(
+        "selftrain",
+        help="self-training: retrain on the model's own confident predictions",
+        description="Self-training (FreeSOLO): predict on the unlabeled images, keep detections with score >= "
+        "weak.selftrain_score_thr (0.3; at most weak.selftrain_max_per_img = 20 per image) as coarse masks with the "
+        "teacher's embeddings, and train a weak-mode model on them, initialised from the teacher. Writes "
+        "RUN/round<r>/ (pseudo.json and a run directory) for each round and RUN/model.pt (the last round's model). "
+        "Finished steps are skipped, so an interrupted run resumes.",
+    )
+    selftrain.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="the teacher (weak model)")
+    selftrain.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of unlabeled images")
+    selftrain.add_argument("--out", type=Path, required=True, metavar="RUN", help="output folder")
+    selftrain.add_argument("--rounds", type=positive_int, default=1, metavar="N", help="rounds (default 1)")
+    selftrain.add_argument("--iters", type=positive_int, metavar="N", help="training iterations of each round")
+    selftrain.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one value of the teacher's config"
+    )
+    selftrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    selftrain.set_defaults(handler=run_selftrain)
+
+
+def run_selftrain(args: argparse.Namespace) -> int:
+    from training.selftrain import self_train
+
+    overrides = args.set + ([f"weak.solver.iters={args.iters}"] if args.iters else [])
+    model = self_train(args.checkpoint, args.images, args.out, args.rounds, overrides, not args.no_progress)
+    print(f"model: {model}")
+    return 0
+
+
+def _register_pipeline(commands: ArgumentGroup) -> None:
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="every unsupervised stage: pretrain -> freemask -> weak training -> self-training (resumable)",
+        description="FreeSOLO end to end on unlabeled images: DenseCL pre-training, backbone export, Free Mask, "
+        "self-supervised SOLO, self-training. Each stage is skipped when its output exists, so a crashed run "
+        "resumes. With --eval-images/--eval-ann (ground truth, used only to measure) it writes RUN/report.json, "
+        "RUN/report.md and RUN/overlays.png with class-agnostic mask AP per stage. --set applies to every stage "
+        "(e.g. --set pretrain.solver.iters=200 --set weak.solver.iters=300).",
+    )
+    pipeline.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of unlabeled images")
+    pipeline.add_argument("--out", type=Path, required=True, metavar="RUN", help="output folder")
+    add_config_arguments(pipeline)
+    pipeline.add_argument("--rounds", type=positive_int, default=1, metavar="N", help="self-training rounds (1)")
+    pipeline.add_argument("--eval-images", type=Path, metavar="DIR", help="images of the evaluation set")
+    pipeline.add_argument("--eval-ann", type=Path, metavar="GT.json", help="ground truth of the evaluation set")
+    pipeline.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pipeline.set_defaults(handler=run_pipeline_command)
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from training.pipeline import run_pipeline
+
+    if (args.eval_images is None) != (args.eval_ann is None):
+        raise UserError("--eval-images and --eval-ann go together")
+    table = run_pipeline(
+        args.images,
+        args.out,
+        config_from_arguments(args),
+        args.set,
+        args.rounds,
+        args.eval_images,
+        args.eval_ann,
+        not args.no_progress,
+    )
+    if table:
+        print(f"\n{table}\n\nreport: {args.out / 'report.md'}")
+    return 0
 
 
 def _register_eval(commands: ArgumentGroup) -> None:
@@ -173,12 +293,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_checkpoint(args.checkpoint)
     dataset = CocoInstances(args.images, args.ann, predictor.test_policy)
-    results = [
-        r
-        for _, batch_results in predictor.iterate(dataset, args.batch_size, not args.no_progress, "eval")
-        for image in batch_results
-        for r in image
-    ]
+    results = predictor.dataset_results(dataset, args.batch_size, not args.no_progress)
     metrics = coco_metrics(load_ground_truth(args.ann), results, args.class_agnostic)
     mode = "class-agnostic" if args.class_agnostic else "per class"
     print(format_table(metrics, f"{args.checkpoint} on {args.ann} ({mode}, {len(dataset)} images)"))

@@ -30,6 +30,7 @@ class ModelConfig:
     mask_branch_channels: int = 128
     mask_channels: int = 256  # E: mask feature channels = dynamic 1x1 kernel size D
     num_classes: int = 80
+    embedding_dim: int = 0  # > 0 adds FreeSOLO's embedding head (conv3x3 on the category tower)
     strides: list[int] = field(default_factory=lambda: [8, 8, 16, 32, 32])
     grids: list[int] = field(default_factory=lambda: [40, 36, 24, 16, 12])
     scale_ranges: list[list[float]] = field(
@@ -97,6 +98,85 @@ class InferenceConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """DenseCL self-supervised pre-training of the backbone (REFERENCE.md: DenseCL). ``dilate_res5`` replaces the
+    last stride with dilation (C5 at stride 16): the weights stay plain ResNet weights, but small images keep a
+    usable C5 grid for the dense loss and for Free Mask."""
+
+    crop_size: int = 224
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    dilate_res5: bool = False
+    queue_size: int = 65536
+    projection_dim: int = 128
+    hidden_dim: int = 2048
+    temperature: float = 0.2
+    momentum: float = 0.999
+    dense_weight: float = 0.5  # lambda: loss = (1 - lambda) * global + lambda * dense
+    solver: SolverConfig = field(
+        default_factory=lambda: SolverConfig(
+            batch_size=256,
+            iters=100000,
+            base_lr=0.3,
+            weight_decay=1e-4,
+            warmup_iters=1000,
+            lr_steps=[0.6, 0.8],
+            grad_clip=0.0,
+        )
+    )
+
+
+@dataclass
+class FreeMaskConfig:
+    """Free Mask coarse masks (REFERENCE.md: Free Mask)."""
+
+    input_size: int = 800  # shorter side of the image fed to the backbone
+    max_size: int = 1333
+    dilate_res5: bool = False
+    query_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    mask_thr: float = 0.5  # tau
+    nms_sigma: float = 2.0
+    top_k: int = 20
+    score_thr: float = 0.7  # on the decayed maskness
+    max_box_fraction: float = 0.95  # drop masks whose box is wider than this share of the image
+    drop_top_fraction: float = 0.2  # drop masks centred in the top share of the image (0 disables)
+    embedding_dim: int = 128
+    batch_size: int = 8
+    # Not in the paper, off by default (see the tiny preset): mirror the image outwards by this many feature cells
+    # before the backbone and crop them off after, so that zero padding does not make the border cells alike; and
+    # subtract each image's mean feature before the cosine scores, so that the component all locations share does
+    # not dominate them.
+    border_cells: int = 0
+    center_features: bool = False
+
+
+@dataclass
+class WeakConfig:
+    """Self-supervised SOLO from coarse masks (REFERENCE.md: Self-supervised SOLO).
+
+    ``mask_loss``: "weak" = alpha * L_avg + L_max + L_pairwise (projection Dice and BoxInst pairwise affinity);
+    "dice" = full-mask Dice against the coarse masks (the paper's ablation). Zero weights switch terms off.
+    ``solver`` is the schedule of weak-mode training; its ``batch_size`` counts images, and with ``strong_view``
+    each image is trained as two views (a step sees 2 x batch_size views)."""
+
+    mask_loss: str = "weak"
+    max_weight: float = 1.0
+    avg_weight: float = 0.1  # alpha
+    pairwise_weight: float = 1.0
+    pairwise_dilation: int = 2
+    pairwise_color_thr: float = 0.3
+    pairwise_warmup: int = 1000
+    embedding_weight: float = 4.0  # beta
+    embedding_dim: int = 128
+    strong_view: bool = True
+    copy_paste: bool = True
+    selftrain_score_thr: float = 0.3
+    selftrain_max_per_img: int = 20
+    solver: SolverConfig = field(
+        default_factory=lambda: SolverConfig(batch_size=16, iters=30000, base_lr=0.001, warmup_iters=1000, lr_steps=[])
+    )
+
+
+@dataclass
 class Config:
     """Everything needed to rebuild a model and its training run."""
 
@@ -107,6 +187,9 @@ class Config:
     input: InputConfig = field(default_factory=InputConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    freemask: FreeMaskConfig = field(default_factory=FreeMaskConfig)
+    weak: WeakConfig = field(default_factory=WeakConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +228,22 @@ def load_preset(name: str) -> Config:
     data = yaml.safe_load(path.read_text()) or {}
     config = _merge(Config(), data, "")
     return dataclasses.replace(config, preset=name)
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> Config:
+    """``["weak.avg_weight=0", "solver.iters=50"]`` -> a new Config; values are parsed as YAML scalars/lists."""
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator or not key:
+            raise UserError(f"--set expects KEY=VALUE (e.g. weak.avg_weight=0), got '{assignment}'")
+        update: dict[str, Any] = {}
+        cursor = update
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            cursor = cursor.setdefault(part, {})
+        cursor[leaf] = yaml.safe_load(text)
+        config = _merge(config, update, "")
+    return config
 
 
 def save_config(config: Config, path: Path) -> None:

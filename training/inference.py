@@ -15,7 +15,7 @@ from training.config import Config
 from training.data.batching import Batch, collate
 from training.data.coco import ResizePolicy
 from training.models import SOLOv2
-from training.models.postprocess import Detections, postprocess
+from training.models.postprocess import Detections, cell_embeddings, postprocess
 from training.results import image_results
 
 
@@ -44,13 +44,17 @@ class Predictor:
         return ResizePolicy((self.config.input.test_size,), self.config.input.max_size)
 
     @torch.inference_mode()
-    def detections(self, images: torch.Tensor) -> Detections:
-        """uint8 [B, 3, H, W] (H, W multiples of 32) -> fixed-K detections."""
-        return postprocess(self.model(images), self.config.inference, self.config.model.strides)
+    def detections(self, images: torch.Tensor, with_embeddings: bool = False) -> tuple[Detections, torch.Tensor | None]:
+        """uint8 [B, 3, H, W] (H, W multiples of 32) -> fixed-K detections, and, when asked and the model has an
+        embedding head, each detection's embedding [B, K, D] (self-training's targets)."""
+        output = self.model(images)
+        dets = postprocess(output, self.config.inference, self.config.model.strides)
+        embeddings = cell_embeddings(output, dets.cells) if with_embeddings and output.embeddings else None
+        return dets, embeddings
 
-    def batch_results(self, batch: Batch) -> list[list[dict[str, Any]]]:
+    def batch_results(self, batch: Batch, with_embeddings: bool = False) -> list[list[dict[str, Any]]]:
         """COCO results of every image of a batch, at the original image sizes."""
-        dets = self.detections(batch.images)
+        dets, embeddings = self.detections(batch.images, with_embeddings)
         return [
             image_results(
                 int(dets.num_dets[i]),
@@ -60,12 +64,18 @@ class Predictor:
                 batch.geometries[i],
                 batch.image_ids[i],
                 self.category_ids,
+                None if embeddings is None else embeddings[i].numpy(),
             )
             for i in range(len(batch.image_ids))
         ]
 
     def iterate(
-        self, dataset: Dataset, batch_size: int, progress: bool = True, desc: str = "predict"
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        progress: bool = True,
+        desc: str = "predict",
+        with_embeddings: bool = False,
     ) -> Iterator[tuple[Batch, list[list[dict[str, Any]]]]]:
         """Batches of a dataset with their results, with a progress bar."""
         loader = DataLoader(
@@ -75,4 +85,12 @@ class Predictor:
             collate_fn=lambda s: collate(s, self.config.input.size_divisor),
         )
         for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-            yield batch, self.batch_results(batch)
+            yield batch, self.batch_results(batch, with_embeddings)
+
+    def dataset_results(
+        self, dataset: Dataset, batch_size: int = 8, progress: bool = True, desc: str = "eval"
+    ) -> list[dict[str, Any]]:
+        """Every COCO result of a dataset, in one flat list (what pycocotools' ``loadRes`` takes)."""
+        return [
+            r for _, results in self.iterate(dataset, batch_size, progress, desc) for image in results for r in image
+        ]

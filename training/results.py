@@ -71,8 +71,10 @@ def image_results(
     geometry: ImageGeometry,
     image_id: int | str,
     category_ids: list[int],
+    embeddings: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO result dicts of one image from its contract outputs; empty final masks are dropped."""
+    """COCO result dicts of one image from its contract outputs; empty final masks are dropped. With
+    ``embeddings`` [K, D], each result also carries its detection's embedding."""
     count = int(num_dets)
     if count == 0:
         return []
@@ -91,4 +93,6 @@ def image_results(
                 "score": float(scores[index]),
             }
         )
+        if embeddings is not None:
+            results[-1]["embedding"] = [round(float(v), 5) for v in embeddings[index]]
     return results

@@ -16,7 +16,7 @@ def supervised_loss(config: Config) -> LossFunction:
     """The loss of ``freesolo train --mode supervised``."""
     model_config = config.model
 
-    def loss_fn(network: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss_fn(network: nn.Module, batch: Batch, iteration: int) -> dict[str, torch.Tensor]:
         output = network(batch.images)
         targets = [
             build_targets(

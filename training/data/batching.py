@@ -20,6 +20,7 @@ class Sample:
     labels: torch.Tensor  # int64 [N], contiguous labels in [0, C)
     image_id: int
     geometry: ImageGeometry
+    embeddings: torch.Tensor | None = None  # float32 [N, D]: Free Mask / teacher embeddings, when the json has them
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Batch:
     labels: list[torch.Tensor]
     image_ids: list[int]
     geometries: list[ImageGeometry]
+    embeddings: list[torch.Tensor | None]
 
 
 def padded_size(sizes: list[tuple[int, int]], divisor: int) -> tuple[int, int]:
@@ -50,4 +52,5 @@ def collate(samples: list[Sample], size_divisor: int = 32) -> Batch:
         labels=[s.labels for s in samples],
         image_ids=[s.image_id for s in samples],
         geometries=[s.geometry for s in samples],
+        embeddings=[s.embeddings for s in samples],
     )

@@ -69,8 +69,11 @@ def validate_coco(data: Any, path: Path) -> None:
         for key in ("image_id", "category_id", "segmentation"):
             _require(key in ann, path, f"annotations[{index}] has no '{key}'")
         _require(ann["image_id"] in image_ids, path, f"annotations[{index}] refers to unknown image {ann['image_id']}")
-        _require(ann["category_id"] in category_ids, path,
-                 f"annotations[{index}] refers to unknown category {ann['category_id']}")
+        _require(
+            ann["category_id"] in category_ids,
+            path,
+            f"annotations[{index}] refers to unknown category {ann['category_id']}",
+        )
         segmentation = ann["segmentation"]
         is_rle = isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys()
         is_polygon = isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation)
@@ -119,8 +122,10 @@ class CocoInstances(Dataset):
                 self._annotations[ann["image_id"]].append(ann)
         missing = [image["file_name"] for image in self.images if not (self.image_dir / image["file_name"]).is_file()]
         if missing:
-            raise UserError(f"{self.ann_file}: {len(missing)} image file(s) missing in {self.image_dir}, "
-                            f"e.g. {self.image_dir / missing[0]}")
+            raise UserError(
+                f"{self.ann_file}: {len(missing)} image file(s) missing in {self.image_dir}, "
+                f"e.g. {self.image_dir / missing[0]}"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -131,11 +136,17 @@ class CocoInstances(Dataset):
         image = read_rgb(self.image_dir / info["file_name"])
         height, width = image.shape[:2]
         anns = self._annotations[info["id"]]
-        masks = np.stack([decode_segmentation(a["segmentation"], height, width) for a in anns]) if anns else \
-            np.zeros((0, height, width), np.uint8)
+        masks = (
+            np.stack([decode_segmentation(a["segmentation"], height, width) for a in anns])
+            if anns
+            else np.zeros((0, height, width), np.uint8)
+        )
         labels = torch.tensor([self._label_of[a["category_id"]] for a in anns], dtype=torch.int64)
-        return transform_sample(to_tensor_image(image), torch.from_numpy(masks), labels, info["id"], self.policy,
-                                seed)
+        sample = transform_sample(
+            to_tensor_image(image), torch.from_numpy(masks), labels, info["id"], self.policy, seed
+        )
+        sample.embeddings = annotation_embeddings(anns)
+        return sample
 
 
 class ImageFolder(Dataset):
@@ -161,8 +172,21 @@ class ImageFolder(Dataset):
         return transform_sample(image, empty, torch.zeros(0, dtype=torch.int64), index, self.policy, seed)
 
 
-def transform_sample(image: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, image_id: int,
-                     policy: ResizePolicy, seed: int | None) -> Sample:
+def annotation_embeddings(annotations: list[dict[str, Any]]) -> torch.Tensor | None:
+    """[N, D] embeddings when every annotation has one (Free Mask and self-training json), else None."""
+    if not annotations or not all("embedding" in a for a in annotations):
+        return None
+    return torch.tensor([a["embedding"] for a in annotations], dtype=torch.float32)
+
+
+def transform_sample(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    image_id: int,
+    policy: ResizePolicy,
+    seed: int | None,
+) -> Sample:
     """Resize (random size and flip when ``seed`` is given, first size otherwise) keeping masks aligned."""
     height, width = image.shape[-2:]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
 from training.config import Config, SolverConfig, save_config
-from training.data.batching import Batch, collate
+from training.data.batching import collate
 from training.engine.distributed import DistributedContext
 from training.engine.run_log import append_log, plot_losses, truncate_log
 from training.engine.sampler import TrainBatchSampler
 from training.engine.schedule import learning_rate
 from training.errors import UserError
 
-LossFunction = Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
+LossFunction = Callable[[nn.Module, Any, int], dict[str, torch.Tensor]]  # (network, batch, iteration)
 
 
 class RunPaths:
@@ -90,8 +90,10 @@ def train_loop(
     metadata: dict[str, Any],
     state: dict[str, Any] | None = None,
     progress: bool = True,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> Path:
-    """Train ``model`` for ``config.solver.iters`` iterations (continuing ``state`` when given); returns model.pt."""
+    """Train ``model`` for ``config.solver.iters`` iterations (continuing ``state`` when given); returns model.pt.
+    ``collate_fn`` turns a list of dataset items into what ``loss_fn`` takes (default: a padded ``Batch``)."""
     solver = config.solver
     context = DistributedContext.from_env()
     torch.manual_seed(config.seed)
@@ -115,7 +117,7 @@ def train_loop(
         dataset,
         batch_sampler=sampler,
         num_workers=solver.num_workers,
-        collate_fn=lambda samples: collate(samples, config.input.size_divisor),
+        collate_fn=collate_fn or (lambda samples: collate(samples, config.input.size_divisor)),
     )
     network = DistributedDataParallel(model) if context.enabled else model
     network.train()
@@ -147,7 +149,7 @@ def train_loop(
         lr = learning_rate(iteration, solver, solver.iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = loss_fn(network, batch)
+        losses = loss_fn(network, batch, iteration)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise RuntimeError(f"loss became {float(total)} at iteration {iteration}; lower the learning rate")
@@ -185,8 +187,8 @@ def train_loop(
 
 
 def load_initial_weights(model: nn.Module, path: Path) -> str:
-    """Initialise from a FreeSOLO checkpoint or a plain state dict (torchvision ResNet keys go to the backbone);
-    tensors whose name and shape match are loaded. Returns a one-line summary."""
+    """Initialise from a FreeSOLO checkpoint (SOLO or DenseCL) or a plain state dict (torchvision ResNet keys go to
+    the backbone); tensors whose name and shape match are loaded. Returns a one-line summary."""
     payload = _read_state_dict(path)
     if any(key.startswith("layer1.") for key in payload):
         payload = {f"backbone.body.{key}": value for key, value in payload.items()}
@@ -199,7 +201,13 @@ def load_initial_weights(model: nn.Module, path: Path) -> str:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a SOLO checkpoint (its full model), a DenseCL run (its query backbone, torchvision keys)
+    or a plain state dict."""
     payload = read_torch_file(path, "initial weights")
+    if isinstance(payload, dict) and payload.get("metadata", {}).get("kind") == "densecl":
+        from training.backbone_io import backbone_state_dict
+
+        return backbone_state_dict(path)[0]
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         payload = payload["model"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):

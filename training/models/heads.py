@@ -44,7 +44,14 @@ class InstanceHead(nn.Module):
     """Kernel and category branches, weights shared across the pyramid levels."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, channels: int, num_convs: int, kernel_dim: int, grids: list[int]
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int,
+        num_convs: int,
+        kernel_dim: int,
+        grids: list[int],
+        embedding_dim: int = 0,
     ) -> None:
         super().__init__()
         self.grids = list(grids)
@@ -56,6 +63,7 @@ class InstanceHead(nn.Module):
         )
         self.kernel_pred = nn.Conv2d(channels, kernel_dim, 3, padding=1)
         self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.embed_pred = nn.Conv2d(channels, embedding_dim, 3, padding=1) if embedding_dim > 0 else None
         init_normal(self)
         nn.init.constant_(self.cate_pred.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
@@ -71,15 +79,19 @@ class InstanceHead(nn.Module):
             F.interpolate(p6, size=p5.shape[-2:], mode="bilinear", align_corners=False),
         ]
 
-    def forward(self, pyramid: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns per-level category logits [B, C, S, S] and kernels [B, D, S, S]."""
-        cate_logits, kernels = [], []
+    def forward(self, pyramid: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        """Per-level category logits [B, C, S, S], kernels [B, D, S, S] and, with an embedding head, embeddings
+        [B, embedding_dim, S, S] (an empty list without one)."""
+        cate_logits, kernels, embeddings = [], [], []
         for features, grid in zip(self.level_features(pyramid), self.grids, strict=True):
             with_coords = torch.cat([features, coordinate_channels(features)], dim=1)
             with_coords = F.interpolate(with_coords, size=(grid, grid), mode="bilinear", align_corners=False)
             kernels.append(self.kernel_pred(self.kernel_tower(with_coords)))
-            cate_logits.append(self.cate_pred(self.cate_tower(with_coords[:, :-2])))
-        return cate_logits, kernels
+            category_features = self.cate_tower(with_coords[:, :-2])
+            cate_logits.append(self.cate_pred(category_features))
+            if self.embed_pred is not None:
+                embeddings.append(self.embed_pred(category_features))
+        return cate_logits, kernels, embeddings
 
 
 class MaskFeatureBranch(nn.Module):

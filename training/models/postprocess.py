@@ -25,13 +25,16 @@ NmsFunction = Callable[..., torch.Tensor]
 
 
 class Detections(NamedTuple):
-    """Fixed-K detections of a batch (the graph contract)."""
+    """Fixed-K detections of a batch: the five graph-contract outputs, then ``cells``, which grid cell (index over
+    all levels, in ``flatten_levels`` order) produced each detection. ``cells`` stays in PyTorch (self-training
+    reads the teacher's embeddings there); the exported graph returns only the contract."""
 
     num_dets: torch.Tensor  # int32 [B]
     scores: torch.Tensor  # float32 [B, K]
     labels: torch.Tensor  # int32 [B, K]
     boxes: torch.Tensor  # float32 [B, K, 4] x1, y1, x2, y2 in input pixels
     masks: torch.Tensor  # uint8 [B, K, H/4, W/4]
+    cells: torch.Tensor  # int64 [B, K]
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -97,7 +100,9 @@ def postprocess(
     rescored = torch.where(valid, cate_scores * maskness, torch.zeros_like(cate_scores))
 
     rescored, order = rescored.sort(dim=1, descending=True)
-    labels, binary_float, areas, valid = (gather_rows(t, order) for t in (labels, binary_float, areas, valid))
+    labels, binary_float, areas, valid, cells = (
+        gather_rows(t, order) for t in (labels, binary_float, areas, valid, cells)
+    )
     decayed = nms(
         binary_float.view(batch, num_candidates, height, width),
         labels,
@@ -117,6 +122,7 @@ def postprocess(
     final_masks = gather_rows(binary_float, final_order).view(batch, top, height, width)
     final_masks = final_masks * present.view(batch, top, 1, 1).to(final_masks.dtype)
     final_scores = torch.where(present, final_scores, torch.zeros_like(final_scores))
+    final_cells = torch.where(present, gather_rows(cells, final_order), torch.zeros_like(final_order))
 
     pad = config.max_per_img - top
     return Detections(
@@ -125,4 +131,11 @@ def postprocess(
         labels=F.pad(final_labels, (0, pad)).to(torch.int32),
         boxes=F.pad(boxes_from_masks(final_masks), (0, 0, 0, pad)),
         masks=F.pad(final_masks, (0, 0, 0, 0, 0, pad)).to(torch.uint8),
+        cells=F.pad(final_cells, (0, pad)),
     )
+
+
+def cell_embeddings(output: SOLOv2Output, cells: torch.Tensor) -> torch.Tensor:
+    """The embedding head's vectors [B, K, D] at the given flattened cell indices [B, K]."""
+    flat = torch.cat([e.flatten(2) for e in output.embeddings], dim=2).transpose(1, 2)  # [B, M, D]
+    return gather_rows(flat, cells)

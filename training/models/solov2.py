@@ -19,6 +19,7 @@ class SOLOv2Output(NamedTuple):
     cate_logits: list[torch.Tensor]  # per level [B, C, S, S]
     kernels: list[torch.Tensor]  # per level [B, E, S, S] (1x1 dynamic kernels)
     mask_features: torch.Tensor  # [B, E, H/4, W/4]
+    embeddings: tuple[torch.Tensor, ...] = ()  # per level [B, embedding_dim, S, S]; empty without an embedding head
 
 
 class SOLOv2(nn.Module):
@@ -35,6 +36,7 @@ class SOLOv2(nn.Module):
             config.head_convs,
             config.mask_channels,
             config.grids,
+            config.embedding_dim,
         )
         self.mask_branch = MaskFeatureBranch(config.fpn_channels, config.mask_branch_channels, config.mask_channels)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -46,5 +48,5 @@ class SOLOv2(nn.Module):
 
     def forward(self, images: torch.Tensor) -> SOLOv2Output:
         pyramid = self.backbone(self.normalize(images))
-        cate_logits, kernels = self.head(pyramid)
-        return SOLOv2Output(cate_logits, kernels, self.mask_branch(pyramid[:4]))
+        cate_logits, kernels, embeddings = self.head(pyramid)
+        return SOLOv2Output(cate_logits, kernels, self.mask_branch(pyramid[:4]), tuple(embeddings))

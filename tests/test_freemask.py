@@ -1,0 +1,184 @@
+"""Free Mask: masks recovered from crafted features, the json round-trips through pycocotools with boxes that match
+the masks, a crashed run resumes without duplicate or missing images, and torchrun shards the images."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+import training.freemask_run as freemask_run
+from training.cli import main
+from training.config import FreeMaskConfig, load_preset
+from training.freemask import coarse_masks, passes_filters, resample_embedding
+
+
+def crafted_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-channel 16x16 features: region A (one direction), region B (another), background (a third)."""
+    features = torch.zeros(8, 16, 16)
+    features[2] = 1.0  # background direction
+    region_a = torch.zeros(16, 16, dtype=torch.bool)
+    region_a[2:7, 2:8] = True
+    region_b = torch.zeros(16, 16, dtype=torch.bool)
+    region_b[9:14, 8:14] = True
+    features[:, region_a] = torch.tensor([1.0, 0, 0, 0, 0, 0, 0.2, 0])[:, None]
+    features[:, region_b] = torch.tensor([0, 1.0, 0, 0, 0, 0, 0, 0.2])[:, None]
+    return features, region_a, region_b
+
+
+def test_crafted_regions_are_found_with_their_embeddings() -> None:
+    features, region_a, region_b = crafted_features()
+    config = FreeMaskConfig(drop_top_fraction=0.0, embedding_dim=16)
+    found = coarse_masks(features, (64, 64), config)
+    big_a = np.kron(region_a.numpy(), np.ones((4, 4), bool))
+    big_b = np.kron(region_b.numpy(), np.ones((4, 4), bool))
+    ious = [[(m.mask & t).sum() / (m.mask | t).sum() for t in (big_a, big_b)] for m in found]
+    assert max(row[0] for row in ious) > 0.9 and max(row[1] for row in ious) > 0.9
+    assert all(m.mask.shape == (64, 64) and m.score >= config.score_thr for m in found)
+    best_a = found[int(np.argmax([row[0] for row in ious]))]
+    expected = resample_embedding(features[:, 4, 4], 16).numpy()
+    np.testing.assert_allclose(best_a.embedding, expected, atol=1e-5)
+    assert np.linalg.norm(best_a.embedding) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_filters_drop_wide_and_top_masks() -> None:
+    config = FreeMaskConfig(max_box_fraction=0.95, drop_top_fraction=0.2)
+    wide = np.zeros((50, 100), bool)
+    wide[20:30, 1:99] = True
+    top = np.zeros((50, 100), bool)
+    top[0:8, 40:60] = True
+    fine = np.zeros((50, 100), bool)
+    fine[20:40, 40:60] = True
+    tall = np.zeros((50, 100), bool)
+    tall[0:49, 40:50] = True
+    assert not passes_filters(wide, config) and not passes_filters(top, config) and passes_filters(fine, config)
+    assert not passes_filters(tall, FreeMaskConfig(max_box_fraction=0.95, drop_top_fraction=0.0))
+    assert not passes_filters(np.zeros((5, 5), bool), config)
+
+
+def test_centred_masks_ignore_a_component_every_location_shares() -> None:
+    features, _, _ = crafted_features()
+    shifted = features + torch.linspace(0.5, 3.0, 8)[:, None, None]
+    config = FreeMaskConfig(drop_top_fraction=0.0, center_features=True)
+    found, found_shifted = coarse_masks(features, (64, 64), config), coarse_masks(shifted, (64, 64), config)
+    assert len(found) == len(found_shifted) >= 2
+    for mask, mask_shifted in zip(found, found_shifted, strict=True):
+        assert np.array_equal(mask.mask, mask_shifted.mask) and mask.score == pytest.approx(mask_shifted.score)
+
+
+def test_mirrored_border_keeps_the_feature_grid(random_backbone: Path) -> None:
+    config = load_preset("tiny")
+    backbone, _ = freemask_run.load_backbone(random_backbone, config.freemask.dilate_res5)
+    images = [
+        torch.randint(0, 256, (3, 128, 96), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
+    ]
+    plain = dataclasses.replace(config, freemask=dataclasses.replace(config.freemask, border_cells=0))
+    mirrored = dataclasses.replace(config, freemask=dataclasses.replace(config.freemask, border_cells=2))
+    with torch.inference_mode():
+        shapes = [[tuple(f.shape) for f in freemask_run.batch_features(backbone, images, c)] for c in (plain, mirrored)]
+    assert shapes[0] == shapes[1] == [(512, 21, 16), (512, 16, 16)]  # short side 256 px, stride 16
+
+
+@pytest.fixture(scope="module")
+def random_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def freemask_args(images: Path, backbone: Path, out: Path) -> list[str]:
+    return [
+        "freemask",
+        "--images",
+        str(images),
+        "--backbone",
+        str(backbone),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "freemask.batch_size=2",
+        "--set",
+        "freemask.score_thr=0.3",
+    ]
+
+
+def test_json_round_trips_through_pycocotools(synth_data: Path, random_backbone: Path, tmp_path: Path) -> None:
+    out = tmp_path / "coarse.json"
+    assert main(freemask_args(synth_data / "val", random_backbone, out)) == 0
+    document = json.loads(out.read_text())
+    assert len(document["images"]) == 4 and document["annotations"], "a 0.3 threshold keeps some masks"
+    coco = COCO(str(out))
+    # loadRes takes its bbox branch when results carry boxes and rewrites area = w * h in the dicts it is given:
+    # hand it a copy, and compare its masks.
+    results = coco.loadRes(copy.deepcopy(document["annotations"]))
+    for ann, loaded in zip(document["annotations"], results.dataset["annotations"], strict=True):
+        mask = coco.annToMask(ann)
+        assert mask.sum() == ann["area"] and np.array_equal(results.annToMask(loaded), mask)
+        np.testing.assert_allclose(ann["bbox"], mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))))
+        assert len(ann["embedding"]) == load_preset("tiny").freemask.embedding_dim and 0 < ann["score"] <= 1
+    assert not freemask_run.parts_dir(out).exists()
+
+
+def test_crashed_run_resumes_without_duplicates(
+    synth_data: Path, random_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "coarse.json"
+    real = freemask_run.coarse_masks
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(freemask_run, "coarse_masks", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(freemask_args(synth_data / "val", random_backbone, out))
+    parts = freemask_run.read_done(freemask_run.parts_dir(out))
+    assert len(parts) == 2 and not out.exists()  # the first batch of two was flushed
+    with (freemask_run.parts_dir(out) / "rank0.jsonl").open("a") as part:
+        part.write('{"file_name": "cut short')  # a line left half-written by the kill
+    monkeypatch.setattr(freemask_run, "coarse_masks", real)
+    calls["n"] = 0
+    assert main(freemask_args(synth_data / "val", random_backbone, out)) == 0
+    names = [image["file_name"] for image in json.loads(out.read_text())["images"]]
+    assert sorted(names) == sorted(p.name for p in (synth_data / "val").glob("*.png")) and len(set(names)) == 4
+
+
+def test_torchrun_shards_images(synth_data: Path, random_backbone: Path, tmp_path: Path) -> None:
+    out = tmp_path / "coarse.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.cli",
+            *freemask_args(synth_data / "val", random_backbone, out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [image["file_name"] for image in json.loads(out.read_text())["images"]]
+    assert len(names) == 4 and len(set(names)) == 4

@@ -1,0 +1,134 @@
+"""Running Free Mask over a folder: batched, sharded by rank under torchrun, resumable, one COCO json at the end.
+
+Each rank appends one json line per finished image to ``OUT.parts/rank<r>.jsonl``; a restarted run skips the images
+already there (a line cut short by a kill is dropped and redone). When every rank is done, rank 0 merges the parts
+into OUT (atomically) and removes them.
+
+OUT has the format of ``training.coarse_json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from training.backbone_io import load_backbone
+from training.coarse_json import annotation, image_record, merge
+from training.config import Config
+from training.data.batching import pad_to, padded_size
+from training.data.images import read_rgb
+from training.data.transforms import resize_image, resized_shape, to_tensor_image
+from training.engine.distributed import DistributedContext
+from training.errors import UserError
+from training.fileio import atomic_write_text
+from training.freemask import backbone_stride, c5_features, coarse_masks
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def read_done(folder: Path) -> dict[str, dict[str, Any]]:
+    """Finished images of every rank, by file name; a line cut short by a kill is ignored (and redone)."""
+    done: dict[str, dict[str, Any]] = {}
+    for part in sorted(folder.glob("rank*.jsonl")):
+        for line in part.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["file_name"]] = record
+    return done
+
+
+def drop_partial_line(part: Path) -> None:
+    """Cut a part file back to its last complete line, so appending after a kill starts on a fresh line."""
+    if not part.is_file():
+        return
+    data = part.read_bytes()
+    if data and not data.endswith(b"\n"):
+        part.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def network_input(image: torch.Tensor, config: Config) -> torch.Tensor:
+    """Resize to the Free Mask input size, rounded to a multiple of the backbone stride."""
+    stride = backbone_stride(config.freemask.dilate_res5)
+    height, width = resized_shape(*image.shape[-2:], config.freemask.input_size, config.freemask.max_size)
+    size = (max(stride, round(height / stride) * stride), max(stride, round(width / stride) * stride))
+    return resize_image(image, size)
+
+
+def border_padded(image: torch.Tensor, pad: int) -> torch.Tensor:
+    """The image mirrored ``pad`` pixels outwards on every side (replicated when it is too small to mirror)."""
+    if pad == 0:
+        return image
+    mode = "reflect" if min(image.shape[-2:]) > pad else "replicate"
+    return torch.nn.functional.pad(image[None].float(), (pad, pad, pad, pad), mode=mode)[0].to(image.dtype)
+
+
+def batch_features(backbone: torch.nn.Module, images: list[torch.Tensor], config: Config) -> list[torch.Tensor]:
+    """res5 features of several images in one forward pass: each mirrored by ``freemask.border_cells`` cells,
+    padded to a common size, then each cropped back to its own region."""
+    stride = backbone_stride(config.freemask.dilate_res5)
+    border = config.freemask.border_cells
+    inputs = [border_padded(network_input(image, config), border * stride) for image in images]
+    size = padded_size([tuple(t.shape[-2:]) for t in inputs], stride)
+    mean, std = torch.tensor(config.model.pixel_mean), torch.tensor(config.model.pixel_std)
+    features = c5_features(backbone, torch.stack([pad_to(t, size) for t in inputs]), mean, std)
+    return [
+        features[i, :, border : t.shape[-2] // stride - border, border : t.shape[-1] // stride - border]
+        for i, t in enumerate(inputs)
+    ]
+
+
+def run_freemask(
+    files: list[Path], root: Path, backbone_path: Path, out: Path, config: Config, progress: bool = True
+) -> int:
+    """Free Mask on ``files`` (names relative to ``root`` go into the json); returns the number of masks."""
+    context = DistributedContext.from_env()
+    backbone, _ = load_backbone(backbone_path, config.freemask.dilate_res5)
+    names = [str(f.relative_to(root)) for f in files]
+    folder = parts_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = read_done(folder)
+    mine = [i for i in range(len(files)) if i % context.world_size == context.rank and names[i] not in done]
+    batch_size = config.freemask.batch_size
+    part_file = folder / f"rank{context.rank}.jsonl"
+    drop_partial_line(part_file)
+    with part_file.open("a") as part, torch.inference_mode():
+        bar = tqdm(total=len(mine), desc="freemask", unit="img", disable=not (progress and context.is_main))
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            images = [to_tensor_image(read_rgb(files[index])) for index in indices]
+            for index, image, features in zip(indices, images, batch_features(backbone, images, config), strict=True):
+                found = coarse_masks(features, tuple(image.shape[-2:]), config.freemask)
+                annotations = [annotation(c.mask, c.score, c.embedding) for c in found]
+                part.write(json.dumps(image_record(names[index], *image.shape[-2:], annotations)) + "\n")
+            part.flush()
+            bar.update(len(indices))
+        bar.close()
+    context.barrier()
+    count = 0
+    if context.is_main:
+        done = read_done(folder)
+        missing = [name for name in names if name not in done]
+        if missing:
+            raise UserError(f"{folder} lacks {len(missing)} images (e.g. {missing[0]}); run again to resume")
+        info = {
+            "generator": "freesolo freemask",
+            "backbone": str(backbone_path),
+            "config": dataclasses.asdict(config.freemask),
+        }
+        document = merge([done[name] for name in names], info)
+        atomic_write_text(out, json.dumps(document) + "\n")
+        shutil.rmtree(folder)
+        count = len(document["annotations"])
+    context.barrier()
+    context.close()
+    return count

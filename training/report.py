@@ -1,0 +1,93 @@
+"""Stage reports of the unsupervised pipeline: class-agnostic metrics per stage (pycocotools), a markdown table and
+overlay pictures of the coarse masks beside the final predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools.coco import COCO
+
+from training.data.coco import CocoInstances
+from training.data.images import read_rgb
+from training.evaluate import coco_metrics
+from training.fileio import atomic_write, atomic_write_text
+from training.inference import Predictor
+from training.visualize import draw_overlay
+
+STAGE_KEYS = ("AP", "AP50", "AP75", "AR100")
+VIS_THR = 0.3
+PANEL = 256
+
+
+def coarse_on_ground_truth(coarse: dict[str, Any], ground_truth: COCO) -> list[dict[str, Any]]:
+    """Coarse annotations as results with the ground truth's image ids (matched by file name)."""
+    gt_ids = {image["file_name"]: image["id"] for image in ground_truth.dataset["images"]}
+    coarse_to_gt = {image["id"]: gt_ids.get(image["file_name"]) for image in coarse["images"]}
+    return [
+        {**ann, "image_id": coarse_to_gt[ann["image_id"]]}
+        for ann in coarse["annotations"]
+        if coarse_to_gt[ann["image_id"]] is not None
+    ]
+
+
+def model_results(checkpoint: Path, images: Path, ann: Path, progress: bool) -> list[dict[str, Any]]:
+    """A checkpoint's COCO results on a labelled image folder."""
+    predictor = Predictor.from_checkpoint(checkpoint)
+    dataset = CocoInstances(images, ann, predictor.test_policy)
+    return predictor.dataset_results(dataset, progress=progress)
+
+
+def stage_row(name: str, ground_truth: COCO, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"name", "AP", "AP50", "AP75", "AR100"}: class-agnostic mask metrics as fractions."""
+    segm = coco_metrics(ground_truth, results, class_agnostic=True)["segm"]
+    return {"name": name, **{key: segm[key] for key in STAGE_KEYS}}
+
+
+def stage_table(stages: list[dict[str, Any]]) -> str:
+    lines = ["| stage | mask AP | AP50 | AP75 | AR100 |", "|---|---|---|---|---|"]
+    for stage in stages:
+        cells = ["-" if stage[key] is None else f"{100 * stage[key]:.1f}" for key in STAGE_KEYS]
+        lines.append(f"| {stage['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def titled(picture: Image.Image, title: str) -> Image.Image:
+    """A panel of fixed size with a caption bar."""
+    panel = Image.new("RGB", (PANEL, PANEL + 18), "white")
+    panel.paste(picture.resize((PANEL, PANEL)), (0, 18))
+    ImageDraw.Draw(panel).text((4, 3), title, fill=(0, 0, 0))
+    return panel
+
+
+def comparison_grid(image_files: list[Path], columns: list[tuple[str, dict[str, list[dict[str, Any]]]]]) -> Image.Image:
+    """Rows of images; each column draws one stage's results (keyed by file name) on the image."""
+    rows = []
+    for file in image_files:
+        image = read_rgb(file)
+        panels = [titled(Image.fromarray(image), file.name)]
+        for title, by_file in columns:
+            shown = [r for r in by_file.get(file.name, []) if r["score"] >= VIS_THR]
+            panels.append(titled(draw_overlay(image, shown, {1: "object"}), title))
+        rows.append(np.concatenate([np.asarray(p) for p in panels], axis=1))
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def results_by_file(results: list[dict[str, Any]], ground_truth: COCO) -> dict[str, list[dict[str, Any]]]:
+    names = {image["id"]: image["file_name"] for image in ground_truth.dataset["images"]}
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        grouped.setdefault(names[result["image_id"]], []).append(result)
+    return grouped
+
+
+def write_report(out: Path, stages: list[dict[str, Any]], grid: Image.Image, title: str) -> None:
+    """RUN/report.json, RUN/report.md and RUN/overlays.png."""
+    atomic_write_text(out / "report.json", json.dumps({"stages": stages}, indent=2) + "\n")
+    atomic_write(out / "overlays.png", lambda tmp: grid.save(tmp, format="png"))
+    text = f"# {title}\n\nClass-agnostic mask metrics (pycocotools, `useCats=0`) on the evaluation set.\n\n"
+    text += stage_table(stages) + "\n\n![coarse masks beside predictions](overlays.png)\n"
+    atomic_write_text(out / "report.md", text)

@@ -1,0 +1,95 @@
+"""Self-training (REFERENCE.md): the model's own confident predictions become the next round's coarse masks.
+
+Round r predicts on the unlabeled images with the current teacher, keeps detections with score >= 0.3 (at most 20
+per image) as pseudo-labels, each with the teacher's embedding at the detection's grid cell as its embedding target,
+and trains a weak-mode model on them, initialised from the teacher. Layout (every step skipped when done, so an
+interrupted run resumes):
+
+    RUN/round1/pseudo.json, RUN/round1/{config.yaml, checkpoint.pt, model.pt, log.jsonl, loss_curve.png}
+    RUN/round2/...
+    RUN/model.pt   (a copy of the last round's model)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pycocotools import mask as mask_utils
+
+from training.coarse_json import CATEGORY, image_record, merge
+from training.config import Config, apply_overrides, config_from_dict
+from training.data.coco import ImageFolder
+from training.data.images import list_images
+from training.engine.trainer import RunPaths, resumable_state
+from training.fileio import atomic_write, atomic_write_text
+from training.inference import Predictor
+from training.solo_training import train_solo
+
+
+def pseudo_annotation(result: dict[str, Any]) -> dict[str, Any]:
+    """A prediction (COCO result with embedding) -> a coarse-json annotation (ids are assigned at the merge)."""
+    entry = {key: result[key] for key in ("segmentation", "bbox", "score") if key in result}
+    entry.update(category_id=CATEGORY["id"], area=int(mask_utils.area(result["segmentation"])), iscrowd=0)
+    if "embedding" in result:
+        entry["embedding"] = result["embedding"]
+    return entry
+
+
+def write_pseudo_labels(teacher: Path, images: Path, out: Path, config: Config, progress: bool = True) -> int:
+    """Predict on every image of ``images`` and write the confident detections as a coarse json; returns the count."""
+    predictor = Predictor.from_checkpoint(teacher)
+    files = list_images(images)
+    dataset = ImageFolder(files, predictor.test_policy)
+    records = []
+    for batch, results in predictor.iterate(dataset, 8, progress, "pseudo-labels", with_embeddings=True):
+        for index, geometry, image_results in zip(batch.image_ids, batch.geometries, results, strict=True):
+            confident = [r for r in image_results if r["score"] >= config.weak.selftrain_score_thr]
+            confident = sorted(confident, key=lambda r: -r["score"])[: config.weak.selftrain_max_per_img]
+            records.append(
+                image_record(
+                    files[index].name,
+                    geometry.original_height,
+                    geometry.original_width,
+                    [pseudo_annotation(r) for r in confident],
+                )
+            )
+    info = {
+        "generator": "freesolo selftrain",
+        "teacher": str(teacher),
+        "score_thr": config.weak.selftrain_score_thr,
+        "max_per_img": config.weak.selftrain_max_per_img,
+    }
+    document = merge(records, info)
+    atomic_write_text(out, json.dumps(document) + "\n")
+    return len(document["annotations"])
+
+
+def round_config(teacher: Path, overrides: list[str]) -> Config:
+    """The teacher's own config (same model and schedule), with the user's overrides."""
+    from training.checkpoint import load_checkpoint
+
+    return apply_overrides(config_from_dict(load_checkpoint(teacher)["config"]), overrides)
+
+
+def self_train(
+    checkpoint: Path, images: Path, out: Path, rounds: int, overrides: list[str], progress: bool = True
+) -> Path:
+    """Run ``rounds`` rounds of self-training from ``checkpoint``; returns RUN/model.pt."""
+    teacher = Path(checkpoint)
+    for round_index in range(1, rounds + 1):
+        run = RunPaths(out / f"round{round_index}")
+        config = round_config(teacher, overrides)
+        pseudo = run.root / "pseudo.json"
+        if not run.model.exists():
+            if not pseudo.exists():
+                count = write_pseudo_labels(teacher, images, pseudo, config, progress)
+                print(f"round {round_index}: {count} pseudo-labels from {teacher}")
+            state = resumable_state(run, resume=True)
+            train_solo(images, pseudo, run, config, state, mode="weak", init=teacher, progress=progress)
+        teacher = run.model
+    final = out / "model.pt"
+    atomic_write(final, lambda tmp: shutil.copyfile(teacher, tmp))
+    return final
