@@ -40,9 +40,9 @@ def run_demo(out: Path, pretrain_iters: int, weak_iters: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
-    parser.add_argument("--pretrain-iters", type=int, default=150, help="DenseCL iterations (default 150)")
+    parser.add_argument("--pretrain-iters", type=int, default=100, help="DenseCL iterations (default 100)")
     parser.add_argument(
-        "--weak-iters", type=int, default=400, help="iterations of weak training and of self-training (default 400)"
+        "--weak-iters", type=int, default=300, help="iterations of weak training and of self-training (default 300)"
     )
     args = parser.parse_args(argv)
     run_demo(args.out, args.pretrain_iters, args.weak_iters)

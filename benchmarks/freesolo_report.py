@@ -33,6 +33,7 @@ ABLATIONS = {
     "weak, without embedding loss": ["weak.embedding_weight=0"],
 }
 LABEL_SHARE = 10  # every 10th training image keeps its labels: 10%
+FINETUNE_ITERS = 600  # both 10%-label rows: 600 steps of 8 images, about 48 epochs of the 100 labelled images
 
 
 def freesolo(*argv: str, progress: bool = False) -> list[str]:
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torchvision",
                 "--out",
                 str(backbone),
+                progress=True,
             ),
             check=True,
         )
@@ -145,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             "--resume",
             *sets,
         )
-    for name, init in (("FreeSOLO backbone", ["--init", str(backbone)]), ("scratch", [])):
-        out = work / f"finetune_{name.split()[0].lower()}"
+    starts = {
+        "freesolo": ("the FreeSOLO backbone", ["--init", str(backbone)]),
+        "densecl": ("the DenseCL backbone", ["--init", str(pipeline / "backbone.pth")]),
+        "scratch": ("scratch", []),
+    }
+    for key, (name, init) in starts.items():
+        out = work / f"finetune_{key}"
         runs[f"10% labels, from {name}"] = out
         jobs[out.name] = freesolo(
             "train",
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             str(out),
             "--class-agnostic",
             "--resume",
+            "--iters",
+            str(FINETUNE_ITERS),
             *init,
         )
     jobs = {name: command for name, command in jobs.items() if not (work / name / "model.pt").is_file()}

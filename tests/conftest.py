@@ -4,6 +4,10 @@ to exercise the plumbing; tests that need learning train for themselves)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     )
     return path
+
+
+@pytest.fixture
+def freesolo_under_torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """Runs ``freesolo ARGS...`` as 2 gloo processes (one thread each) under torchrun; fails the test on a non-zero
+    exit, showing the end of stderr."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        done = subprocess.run(
+            [*command, "-m", "training.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return run

@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -160,25 +158,10 @@ def test_crashed_run_resumes_without_duplicates(
     assert sorted(names) == sorted(p.name for p in (synth_data / "val").glob("*.png")) and len(set(names)) == 4
 
 
-def test_torchrun_shards_images(synth_data: Path, random_backbone: Path, tmp_path: Path) -> None:
+def test_torchrun_shards_images(
+    synth_data: Path, random_backbone: Path, tmp_path: Path, freesolo_under_torchrun: Callable
+) -> None:
     out = tmp_path / "coarse.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "training.cli",
-            *freemask_args(synth_data / "val", random_backbone, out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    freesolo_under_torchrun(*freemask_args(synth_data / "val", random_backbone, out))
     names = [image["file_name"] for image in json.loads(out.read_text())["images"]]
     assert len(names) == 4 and len(set(names)) == 4

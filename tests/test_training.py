@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,38 +104,10 @@ def test_resume_after_crash_matches_uninterrupted_run(synth_data: Path, tmp_path
     assert iterations == [1, 2, 3, 4]
 
 
-def test_torchrun_two_processes(synth_data: Path, tmp_path: Path) -> None:
+def test_torchrun_two_processes(synth_data: Path, tmp_path: Path, freesolo_under_torchrun: Callable) -> None:
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "training.cli",
-            "train",
-            "--images",
-            str(synth_data / "train"),
-            "--ann",
-            str(synth_data / "train.json"),
-            "--out",
-            str(run),
-            "--iters",
-            "2",
-            "--batch-size",
-            "4",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    data = f"--images {synth_data / 'train'} --ann {synth_data / 'train.json'}"
+    done = freesolo_under_torchrun(*f"train {data} --out {run} --iters 2 --batch-size 4 --no-progress".split())
     assert done.stdout.count("model: ") == 1  # only rank 0 speaks
     payload = load_checkpoint(run / "model.pt")
     assert payload["metadata"]["iteration"] == 2
@@ -148,21 +118,8 @@ def test_class_agnostic_training_has_one_class(synth_data: Path, tmp_path: Path)
     from training.cli import main
 
     run = tmp_path / "agnostic"
-    argv = [
-        "train",
-        "--images",
-        str(synth_data / "train"),
-        "--ann",
-        str(synth_data / "train.json"),
-        "--out",
-        str(run),
-        "--class-agnostic",
-        "--iters",
-        "2",
-        "--batch-size",
-        "2",
-        "--no-progress",
-    ]
+    data = f"--images {synth_data / 'train'} --ann {synth_data / 'train.json'}"
+    argv = f"train {data} --out {run} --class-agnostic --iters 2 --batch-size 2 --no-progress".split()
     assert main(argv) == 0
     checkpoint = load_checkpoint(run / "model.pt")
     assert checkpoint["metadata"]["class_agnostic"] is True

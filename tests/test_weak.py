@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,13 @@ def test_train_weak_then_selftrain(synth_data: Path, coarse: Path, tmp_path: Pat
     per_image = [sum(a["image_id"] == image["id"] for a in pseudo["annotations"]) for image in pseudo["images"]]
     assert max(per_image) <= 20
     assert (out / "model.pt").is_file() and (out / "round1" / "model.pt").is_file()
+
+
+def test_weak_training_under_torchrun(
+    synth_data: Path, coarse: Path, tmp_path: Path, freesolo_under_torchrun: Callable
+) -> None:
+    """Two gloo processes: the embedding head and the weak losses give DDP a gradient for every parameter."""
+    run = tmp_path / "weak-ddp"
+    data = f"--images {synth_data / 'train'} --ann {coarse}"
+    freesolo_under_torchrun(*f"train --mode weak {data} --out {run} --iters 2 --batch-size 4 --no-progress".split())
+    assert load_checkpoint(run / "model.pt")["metadata"]["mode"] == "weak"
