@@ -102,13 +102,10 @@ def evaluate_stages(
     stages += [stage_row(name, ground_truth, found) for name, found in results.items()]
     final = models[-1][0]
     files = sorted(eval_images / image["file_name"] for image in ground_truth.dataset["images"])[:OVERLAY_IMAGES]
-    grid = comparison_grid(
-        files,
-        [
-            ("Free Mask (coarse)", results_by_file(coarse, ground_truth)),
-            (f"{final} (final)", results_by_file(results[final], ground_truth)),
-        ],
-    )
+    truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
+    columns = [("ground truth (evaluation only)", truth), ("Free Mask (coarse)", coarse)]
+    columns += [(name if name != final else f"{name} (final)", found) for name, found in results.items()]
+    grid = comparison_grid(files, [(title, results_by_file(found, ground_truth)) for title, found in columns])
     write_report(paths.root, stages, grid, f"FreeSOLO pipeline: {paths.root}")
     return stages
 

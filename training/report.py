@@ -1,5 +1,5 @@
 """Stage reports of the unsupervised pipeline: class-agnostic metrics per stage (pycocotools), a markdown table and
-overlay pictures of the coarse masks beside the final predictions."""
+overlay pictures of the ground truth, the coarse masks and each stage's predictions."""
 
 from __future__ import annotations
 
@@ -89,5 +89,6 @@ def write_report(out: Path, stages: list[dict[str, Any]], grid: Image.Image, tit
     atomic_write_text(out / "report.json", json.dumps({"stages": stages}, indent=2) + "\n")
     atomic_write(out / "overlays.png", lambda tmp: grid.save(tmp, format="png"))
     text = f"# {title}\n\nClass-agnostic mask metrics (pycocotools, `useCats=0`) on the evaluation set.\n\n"
-    text += stage_table(stages) + "\n\n![coarse masks beside predictions](overlays.png)\n"
+    caption = f"ground truth, coarse masks and each stage's predictions (score >= {VIS_THR})"
+    text += stage_table(stages) + f"\n\n![{caption}](overlays.png)\n"
     atomic_write_text(out / "report.md", text)
