@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     stages: list[dict[str, Any]] = json.loads((pipeline / "report.json").read_text())["stages"]
     for name, run in runs.items():
         stages.append(stage_row(name, ground_truth, model_results(run / "model.pt", val, val_ann, False)))
-    report = {"stages": stages, "hours": round((time.perf_counter() - started) / 3600, 2)}
+    report = {"stages": stages, "hours_of_this_invocation": round((time.perf_counter() - started) / 3600, 2)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "freesolo_results.json", json.dumps(report, indent=2) + "\n")
     shutil.copyfile(pipeline / "overlays.png", args.out / "freesolo_overlays.png")

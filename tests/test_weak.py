@@ -94,9 +94,9 @@ def test_views_are_deterministic_and_differ(synth_data: Path, coarse: Path) -> N
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], {"loss_max", "loss_avg", "loss_pairwise", "loss_cate", "loss_embed"}),
+        (["weak.mask_loss=weak"], {"loss_max", "loss_avg", "loss_pairwise", "loss_cate", "loss_embed"}),
         (["weak.mask_loss=dice"], {"loss_mask", "loss_cate", "loss_embed"}),
-        (["weak.embedding_weight=0"], {"loss_max", "loss_avg", "loss_pairwise", "loss_cate"}),
+        (["weak.mask_loss=weak", "weak.embedding_weight=0"], {"loss_max", "loss_avg", "loss_pairwise", "loss_cate"}),
     ],
 )
 def test_weak_loss_terms(synth_data: Path, coarse: Path, overrides: list[str], expected: set[str]) -> None:
@@ -115,7 +115,9 @@ def test_weak_loss_terms(synth_data: Path, coarse: Path, overrides: list[str], e
 
 
 def test_pairwise_term_warms_up(synth_data: Path, coarse: Path) -> None:
-    config = weak_model_config(apply_overrides(load_preset("tiny"), ["weak.pairwise_warmup=100"]))
+    config = weak_model_config(
+        apply_overrides(load_preset("tiny"), ["weak.mask_loss=weak", "weak.pairwise_warmup=100"])
+    )
     dataset = CocoInstances(synth_data / "train", coarse, ResizePolicy((128,), 224), class_agnostic=True)
     batch = collate([dataset[0]])
     model = SOLOv2(config.model)
@@ -126,7 +128,7 @@ def test_pairwise_term_warms_up(synth_data: Path, coarse: Path) -> None:
 
 def test_train_weak_then_selftrain(synth_data: Path, coarse: Path, tmp_path: Path) -> None:
     run = tmp_path / "weak"
-    common = ["--no-progress", "--batch-size", "2", "--set", "weak.solver.log_period=1"]
+    common = ["--no-progress", "--batch-size", "2", "--set", "weak.solver.log_period=1", "--set", "weak.mask_loss=weak"]
     assert (
         main(
             [
