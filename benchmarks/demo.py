@@ -3,7 +3,7 @@
 synthetic data -> `freesolo pipeline`: DenseCL pre-training -> Free Mask coarse masks -> self-supervised SOLO ->
 one self-training round -> class-agnostic evaluation of every stage (pycocotools; the labels are used only here) ->
 overlays of the coarse masks beside the final predictions. The schedules are shortened from the tiny preset's so the
-demo fits in about 18 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
+demo fits in about 15 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from training.cli import main as freesolo
 
-TRAIN_IMAGES = 500  # half the default set: Free Mask and the pseudo-labels go over every training image
+TRAIN_IMAGES = 400  # 40% of the default set: Free Mask and the pseudo-labels go over every training image
 
 
 def step(title: str, argv: list[str]) -> None:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
     parser.add_argument("--pretrain-iters", type=int, default=100, help="DenseCL iterations (default 100)")
     parser.add_argument(
-        "--weak-iters", type=int, default=250, help="iterations of weak training and of self-training (default 250)"
+        "--weak-iters", type=int, default=200, help="iterations of weak training and of self-training (default 200)"
     )
     args = parser.parse_args(argv)
     run_demo(args.out, args.pretrain_iters, args.weak_iters)
