@@ -2,13 +2,16 @@
 
 synthetic data -> `freesolo pipeline`: DenseCL pre-training -> Free Mask coarse masks -> self-supervised SOLO ->
 one self-training round -> class-agnostic evaluation of every stage (pycocotools; the labels are used only here) ->
-overlays of the coarse masks beside the final predictions. The schedules are shortened from the tiny preset's so the
-demo fits in about 15 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
+overlays of the coarse masks beside the final predictions; then the final model is exported to ONNX (Matrix NMS
+inside), served by the real Triton Inference Server (python backend, 127.0.0.1 only) and queried over gRPC with
+`freesolo infer` on held-out images. The schedules are shortened from the tiny preset's so the demo fits in about
+17 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 from training.cli import main as freesolo
 
 TRAIN_IMAGES = 400  # 40% of the default set: Free Mask and the pseudo-labels go over every training image
+SERVED_IMAGES = 8  # held-out val images sent to the server
 
 
 def step(title: str, argv: list[str]) -> None:
@@ -32,14 +36,54 @@ def run_demo(out: Path, pretrain_iters: int, weak_iters: int) -> None:
     data, run = out / "data", out / "pipeline"
     if not (data / "val.json").is_file():
         step(
-            "1/2 synthetic COCO set (labels used only for evaluation)",
+            "1/4 synthetic COCO set (labels used only for evaluation)",
             ["data", "synth", "--out", str(data), "--train", str(TRAIN_IMAGES)],
         )
     pipeline = ["pipeline", "--images", str(data / "train"), "--out", str(run)]
     pipeline += ["--eval-images", str(data / "val"), "--eval-ann", str(data / "val.json")]
     pipeline += ["--set", f"pretrain.solver.iters={pretrain_iters}", "--set", f"weak.solver.iters={weak_iters}"]
-    step("2/2 FreeSOLO without labels: pretrain -> freemask -> weak SOLO -> self-training -> evaluation", pipeline)
-    print(f"\nreport: {run / 'report.md'}  overlays: {run / 'overlays.png'}")
+    step("2/4 FreeSOLO without labels: pretrain -> freemask -> weak SOLO -> self-training -> evaluation", pipeline)
+    onnx = out / "model.onnx"
+    if not onnx.is_file():
+        step(
+            "3/4 export the final model: one ONNX graph, Matrix NMS inside",
+            _export(run / "selftrain" / "model.pt", onnx),
+        )
+    serve(out, onnx, sorted((data / "val").iterdir())[:SERVED_IMAGES])
+    print(f"\nreport: {run / 'report.md'}  overlays: {run / 'overlays.png'}  served: {out / 'served'}")
+
+
+def _export(checkpoint: Path, onnx: Path) -> list[str]:
+    return ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx)]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS reports free on the loopback (so the demo never collides with a server already running)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def serve(out: Path, onnx: Path, images: list[Path]) -> None:
+    """Serve the model with Triton, run `freesolo infer` over gRPC on ``images``, always stop the server."""
+    repo = out / "triton"
+    step(
+        "4/4 serve with Triton: prepare the repository",
+        ["serve", "prepare", "--onnx", str(onnx), "--repo", str(repo), "--force"],
+    )
+    grpc, http, metrics = free_ports(3)
+    ports = ["--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
+    step("    start tritonserver (127.0.0.1)", ["serve", "start", "--repo", str(repo), *ports])
+    try:
+        infer = ["infer", "--url", f"127.0.0.1:{grpc}", *map(str, images)]
+        infer += ["--out", str(out / "served" / "predictions.json"), "--vis", str(out / "served")]
+        step(f"    freesolo infer over gRPC on {len(images)} held-out images", infer)
+    finally:
+        step("    stop the server", ["serve", "stop", "--repo", str(repo)])
 
 
 def main(argv: list[str] | None = None) -> int:

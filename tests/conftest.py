@@ -1,20 +1,27 @@
 """Shared fixtures: a small synthetic COCO set and a randomly initialised tiny checkpoint (no training needed
-to exercise the plumbing; tests that need learning train for themselves)."""
+to exercise the plumbing; tests that need learning train for themselves), its ONNX exports, and tritonservers
+started on free loopback ports (one shared by the client and robustness tests)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import skimage.data
 import torch
 
-from training.checkpoint import save_checkpoint
+from serving.launcher import ServerState, read_state
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.cli import main
 from training.config import load_preset
+from training.data.images import read_rgb
 from training.data.synth import CATEGORIES, write_synthetic_dataset
 from training.engine.trainer import new_metadata
 from training.models import SOLOv2
@@ -44,6 +51,100 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def lively_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint, sharpened for export and parity tests: an untrained model scores every cell near the
+    focal prior (about 0.01), below every threshold, so a parity test on it would compare empty outputs. Scaling the
+    category and kernel predictors' weights (x10, x5) gives confident, image-dependent scores and crisp masks, and
+    the score threshold in its config (0.3) leaves a few dozen detections per image, fewer than K."""
+    payload = load_checkpoint(tiny_checkpoint)
+    payload["model"]["head.cate_pred.weight"] *= 10.0
+    payload["model"]["head.kernel_pred.weight"] *= 5.0
+    payload["config"]["inference"]["score_thr"] = 0.3
+    path = tmp_path_factory.mktemp("lively") / "model.pt"
+    save_checkpoint(path, payload)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dynamic_onnx(lively_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``lively_checkpoint`` exported with dynamic H and W (an export takes 25-50 s here: once per session)."""
+    out = tmp_path_factory.mktemp("onnx") / "dynamic.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(lively_checkpoint), "--out", str(out), "--dynamic"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixed_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untrained checkpoint at the preset's default size (128 x 128), without the optimizer."""
+    out = tmp_path_factory.mktemp("onnx") / "fixed.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-simplify"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def pictures(synth_data: Path) -> list[np.ndarray]:
+    """Four synthetic val scenes (128 px) and three photographs (512 x 512, 400 x 600, 300 x 451)."""
+    synthetic = [read_rgb(p) for p in sorted((synth_data / "val").iterdir())]
+    return [*synthetic, skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+
+
+def loopback_ports(count: int) -> list[int]:
+    """Ports the OS has just handed out on loopback (held together so that they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[int], list[int]]:
+    """``free_ports(n)``: n free loopback ports."""
+    return loopback_ports
+
+
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The launcher's backend folder goes to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("cache")
+        patch.setenv("XDG_CACHE_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="session")
+def start_triton(cache_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Path], ServerState]]:
+    """``start_triton(model.onnx)``: `serve prepare` (python backend, max batch 8, one ORT thread) and `serve start`
+    on free loopback ports; returns the server's state (pid, ports; the repository is the folder of its log). Every
+    server still running is stopped at the end of the session."""
+    repos: list[Path] = []
+
+    def start(onnx_path: Path) -> ServerState:
+        repo = tmp_path_factory.mktemp("serve") / "repo"
+        prepare = ["serve", "prepare", "--onnx", str(onnx_path), "--repo", str(repo), "--max-batch", "8"]
+        assert main([*prepare, "--threads", "1"]) == 0
+        ports = loopback_ports(3)
+        named = ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+        assert main(["serve", "start", "--repo", str(repo), *named, "--timeout", "180"]) == 0
+        repos.append(repo)
+        state = read_state(repo)
+        assert state is not None
+        return state
+
+    yield start
+    for repo in repos:
+        main(["serve", "stop", "--repo", str(repo)])
+
+
+@pytest.fixture(scope="session")
+def shared_server(start_triton: Callable[[Path], ServerState], dynamic_onnx: Path) -> ServerState:
+    """One server of ``dynamic_onnx`` (served at 128 x 128) for the tests that leave it running."""
+    return start_triton(dynamic_onnx)
 
 
 @pytest.fixture

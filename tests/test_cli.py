@@ -25,6 +25,11 @@ SUBCOMMANDS = [
     ["selftrain"],
     ["pipeline"],
     ["export-backbone"],
+    ["export"],
+    ["export", "onnx"],
+    ["export", "trt"],
+    ["parity"],
+    ["infer"],
 ]
 
 

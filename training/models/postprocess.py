@@ -62,10 +62,11 @@ def boxes_from_masks(masks: torch.Tensor, stride: int = MASK_STRIDE) -> torch.Te
     rows = masks.amax(dim=-1) > 0
     col_index = torch.arange(width, device=masks.device, dtype=torch.float32)
     row_index = torch.arange(height, device=masks.device, dtype=torch.float32)
-    big = float(max(height, width))
-    x1 = torch.where(cols, col_index, big).amin(dim=-1)
+    # "No pixel" is +inf, not a number derived from the mask size: the exporter would freeze that at the example
+    # input's size, and a dynamic-size graph would clip boxes of larger inputs. Empty masks are zeroed below.
+    x1 = torch.where(cols, col_index, torch.inf).amin(dim=-1)
     x2 = torch.where(cols, col_index, -1.0).amax(dim=-1) + 1
-    y1 = torch.where(rows, row_index, big).amin(dim=-1)
+    y1 = torch.where(rows, row_index, torch.inf).amin(dim=-1)
     y2 = torch.where(rows, row_index, -1.0).amax(dim=-1) + 1
     boxes = torch.stack([x1, y1, x2, y2], dim=-1) * stride
     return torch.where(cols.any(dim=-1, keepdim=True), boxes, torch.zeros_like(boxes))

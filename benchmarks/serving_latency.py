@@ -1,0 +1,297 @@
+"""What serving through Triton costs at batch 1: the gRPC round trip through ``FreeSOLOClient`` to the ``freesolo``
+ensemble (pip-bundled tritonserver, python backend running ONNX Runtime) against the same work in this process:
+decode + preprocess (``serving.imaging``), the same ONNX model in an ORT session with the same options, postprocess
+to COCO RLE (``serving.detections``) and the client's conversion to detections (``serving.client_results``).
+
+- The model: ``--checkpoint`` (default the report's supervised tiny model when present, else the tiny preset's random
+  weights), exported with ``freesolo export onnx`` to a temporary folder, served at its own fixed size.
+- One server per ``--queue-delays`` value (the dynamic batcher's wait on the model and postprocess steps; 0,
+  ``serve prepare``'s default, is the right setting for batch-1 latency; 2000 us is a throughput setting).
+- Every call is timed in turns: per round, each image goes through every path in a shuffled order, after
+  ``--warmup`` untimed rounds, so load from other processes hits all paths alike. Both paths use ``--threads`` ORT
+  threads. Overhead = (Triton - in-process) / in-process, of the medians; the target is <= 15 %.
+- Triton's own statistics (per step: queue and compute time) show where the overhead goes.
+
+Writes OUT/serving_latency.json and OUT/serving_latency.md and prints the table.
+
+    .venv/bin/python -m benchmarks.serving_latency --out runs/bench/serving
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import skimage.data
+import tritonclient.grpc as grpcclient
+from PIL import Image
+
+from benchmarks.run import cpu_name
+from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
+from serving.client import FreeSOLOClient
+from serving.client_results import Detection, ModelInfo, response_detections
+from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
+from serving.detections import image_outputs
+from serving.imaging import InputPolicy, decode_image, prepare_image
+from serving.launcher import Ports, ServerState, start_server, stop_server
+from serving.repository import Settings, prepare_repository, read_model
+from training.cli import main as freesolo
+from training.fileio import atomic_write_text
+
+REPORT_MODEL = Path("runs/freesolo_report/supervised/model.pt")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+TARGET = 0.15
+IN_PROCESS = "in_process"
+
+
+def photographs() -> dict[str, bytes]:
+    """skimage's photographs as JPEG (quality 90), what a client would typically send."""
+    encoded = {}
+    for name in PHOTOS:
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).save(buffer, "JPEG", quality=90)
+        encoded[name] = buffer.getvalue()
+    return encoded
+
+
+def export_model(checkpoint: Path | None, folder: Path) -> Path:
+    out = folder / "model.onnx"
+    source = ["--checkpoint", str(checkpoint)] if checkpoint else ["--preset", "tiny"]
+    if freesolo(["export", "onnx", *source, "--out", str(out)]) != 0:
+        raise SystemExit("export failed")
+    return out
+
+
+class InProcess:
+    """The ensemble's work in this process, with the serving modules the server runs."""
+
+    def __init__(self, onnx_path: Path, threads: int, info: ModelInfo) -> None:
+        served = read_model(onnx_path)
+        self.policy = InputPolicy(served.height, served.width, served.test_size, served.max_size)
+        options = ort.SessionOptions()  # as serving/model_repository/model_python/1/model.py
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.info = info
+
+    def __call__(self, data: bytes) -> list[Detection]:
+        images, geometry = prepare_image(decode_image(data), self.policy)
+        outputs = dict(zip(OUTPUT_NAMES, self.session.run(None, {INPUT_NAME: images[None]}), strict=True))
+        item = image_outputs(
+            int(outputs["num_dets"][0]), outputs["scores"][0], outputs["labels"][0], outputs["masks"][0], geometry
+        )
+        return response_detections({name: array[None] for name, array in item.items()}, self.info)[0]
+
+
+def free_ports() -> Ports:
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return Ports(*ports)
+
+
+def step_statistics(url: str) -> dict[str, dict[str, float]]:
+    """Cumulative per-step counts and nanoseconds from Triton."""
+    client = grpcclient.InferenceServerClient(url)
+    steps = {}
+    for name in (ENSEMBLE, PREPROCESS, MODEL, POSTPROCESS):
+        stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]["inference_stats"]
+        steps[name] = {
+            f"{part}_{unit}": float(stats.get(part, {}).get(unit, 0))
+            for part in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+            for unit in ("count", "ns")
+        }
+    client.close()
+    return steps
+
+
+def per_step_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Mean ms per request of each step's queue and compute phases over the timed rounds."""
+    table = {}
+    for step in before:
+        count = max(after[step]["success_count"] - before[step]["success_count"], 1.0)
+        table[step] = {
+            part: round((after[step][f"{part}_ns"] - before[step][f"{part}_ns"]) / count / 1e6, 3)
+            for part in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+        }
+    return table
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median_ms": round(statistics.median(ordered), 3),
+        "p90_ms": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
+        "runs": len(ordered),
+    }
+
+
+def measure(
+    paths: dict[str, Callable[[bytes], list[Detection]]], images: dict[str, bytes], rounds: int, warmup: int
+) -> tuple[dict[str, dict[str, list[float]]], bool]:
+    """ms per call of each path and image, in shuffled turns; and whether all paths gave identical detections."""
+    samples: dict[str, dict[str, list[float]]] = {path: {image: [] for image in images} for path in paths}
+    order = random.Random(0)
+    identical = True
+    for round_index in range(warmup + rounds):
+        for image, data in images.items():
+            names = list(paths)
+            order.shuffle(names)
+            answers = []
+            for name in names:
+                started = time.perf_counter()
+                answers.append(paths[name](data))
+                elapsed = 1000 * (time.perf_counter() - started)
+                if round_index >= warmup:
+                    samples[name][image].append(elapsed)
+            identical &= all(answer == answers[0] for answer in answers)
+    return samples, identical
+
+
+def markdown(report: dict[str, Any]) -> str:
+    paths = list(report["overall"])
+    lines = [
+        "# Serving latency: Triton gRPC vs in-process ONNX Runtime (batch 1)",
+        "",
+        f"{report['machine']}; onnxruntime {report['onnxruntime']}, {report['threads']} ORT thread(s) on both sides; "
+        f"{report['date']}. Model `{report['model']}` served at {report['input']}; {report['rounds']} timed rounds "
+        f"after {report['warmup']} warm-up rounds, every image through every path in a shuffled order each round. "
+        f"Median (p90) ms per image, end to end (JPEG bytes in, detections with RLE masks out). 1-minute load "
+        f"average {report['load_average_start']:.1f} at the start, {report['load_average_end']:.1f} at the end. "
+        f"Identical detections on every path: {report['identical']}.",
+        "",
+        "| image | size | " + " | ".join(paths) + " |",
+        "|---|---|" + "---|" * len(paths),
+    ]
+    for image, row in report["images"].items():
+        cells = [f"{row[p]['median_ms']:.1f} ({row[p]['p90_ms']:.1f})" for p in paths]
+        lines.append(f"| {image} | {row['size']} | " + " | ".join(cells) + " |")
+    cells = [f"**{report['overall'][p]['median_ms']:.1f}** ({report['overall'][p]['p90_ms']:.1f})" for p in paths]
+    lines.append("| all | | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| Triton path | overhead of the medians | median per-call overhead | target <= 15 % |",
+        "|---|---|---|---|",
+    ]
+    for path, row in report["overhead"].items():
+        verdict = "met" if row["overhead"] <= TARGET else "missed"
+        lines.append(f"| {path} | {100 * row['overhead']:+.1f} % | {100 * row['paired_median']:+.1f} % | {verdict} |")
+    lines += [
+        "",
+        "Where the time goes in the server (mean ms per request over the timed rounds, Triton statistics):",
+        "",
+    ]
+    lines += [
+        "| server | step | total | queue | compute input | compute infer | compute output |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path, steps in report["server_steps"].items():
+        for step, row in steps.items():
+            lines.append(
+                f"| {path} | {step} | {row['success']:.2f} | {row['queue']:.2f} | {row['compute_input']:.2f} | "
+                f"{row['compute_infer']:.2f} | {row['compute_output']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/serving"), help="report folder")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=REPORT_MODEL if REPORT_MODEL.is_file() else None,
+        help=f"model.pt to export (default {REPORT_MODEL} when present, else the tiny preset's random weights)",
+    )
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds over the images (40)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (3)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads, both sides (1)")
+    parser.add_argument("--queue-delays", default="0,2000", help="one server per dynamic-batching delay in us (0,2000)")
+    args = parser.parse_args(argv)
+    delays = [int(value) for value in args.queue_delays.split(",") if value.strip()]
+    images = photographs()
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "onnxruntime": ort.__version__,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "model": str(args.checkpoint) if args.checkpoint else "tiny preset, random weights",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": os.getloadavg()[0],
+    }
+    with tempfile.TemporaryDirectory(prefix="freesolo-serving-bench-") as folder:
+        onnx_path = export_model(args.checkpoint, Path(folder))
+        served = read_model(onnx_path)
+        report["input"] = f"{served.height}x{served.width}"
+        servers: dict[str, ServerState] = {}
+        clients: dict[str, FreeSOLOClient] = {}
+        try:
+            for delay in delays:
+                repo = Path(folder) / f"repo_{delay}"
+                settings = Settings(threads=args.threads, queue_delay_us=delay, python_env=sys.prefix)
+                prepare_repository(onnx_path, repo, settings)
+                name = f"triton_delay_{delay}us"
+                servers[name] = start_server(repo, ports=free_ports(), log=lambda text: print(text, file=sys.stderr))
+                clients[name] = FreeSOLOClient(servers[name].grpc_url, retries=0)
+            first = next(iter(clients.values()))
+            local = InProcess(onnx_path, args.threads, first.info())
+            paths: dict[str, Callable[[bytes], list[Detection]]] = {IN_PROCESS: local}
+            for name, client in clients.items():
+                paths[name] = lambda data, client=client: client.predict([data])[0]
+            before = {name: step_statistics(state.grpc_url) for name, state in servers.items()}
+            samples, identical = measure(paths, images, args.rounds, args.warmup)
+            after = {name: step_statistics(state.grpc_url) for name, state in servers.items()}
+        finally:
+            for client in clients.values():
+                client.close()
+            for state in servers.values():
+                stop_server(Path(state.log).parent)
+    sizes = {name: "x".join(str(v) for v in decode_image(data).shape[:2]) for name, data in images.items()}
+    report["identical"] = identical
+    report["images"] = {
+        image: {"size": sizes[image], **{path: summary(samples[path][image]) for path in samples}} for image in images
+    }
+    report["overall"] = {path: summary([v for values in samples[path].values() for v in values]) for path in samples}
+    base = report["overall"][IN_PROCESS]["median_ms"]
+    report["overhead"] = {}
+    for path in samples:
+        if path == IN_PROCESS:
+            continue
+        paired = [
+            t / i - 1 for image in images for t, i in zip(samples[path][image], samples[IN_PROCESS][image], strict=True)
+        ]
+        report["overhead"][path] = {
+            "overhead": round(report["overall"][path]["median_ms"] / base - 1, 4),
+            "paired_median": round(statistics.median(paired), 4),
+            "target_met": report["overall"][path]["median_ms"] / base - 1 <= TARGET,
+        }
+    report["server_steps"] = {name: per_step_ms(before[name], after[name]) for name in before}
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    report["load_average_end"] = os.getloadavg()[0]
+    atomic_write_text(args.out / "serving_latency.json", json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    atomic_write_text(args.out / "serving_latency.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

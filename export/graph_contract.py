@@ -1,0 +1,59 @@
+"""The graph contract of DESIGN.md as data: input and output names, dtypes and shapes, and the metadata keys.
+
+One contract for ONNX, TensorRT and Triton, so serving and its client import it from here. It needs neither torch nor
+onnx (the client side of serving must not need torch).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+INPUT_NAME = "images"
+INPUT_DTYPE = "uint8"  # [B, 3, H, W] RGB, H and W multiples of SIZE_DIVISOR; normalisation is inside the graph
+SIZE_DIVISOR = 32
+MASK_STRIDE = 4
+
+
+class OutputSpec(NamedTuple):
+    """One output: its name, numpy dtype name and symbolic shape (B batch, K max_per_img, H/W input size)."""
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...]
+
+
+OUTPUTS = (
+    OutputSpec("num_dets", "int32", ("B",)),
+    OutputSpec("scores", "float32", ("B", "K")),
+    OutputSpec("labels", "int32", ("B", "K")),
+    OutputSpec("boxes", "float32", ("B", "K", "4")),  # x1, y1, x2, y2 in input pixels
+    OutputSpec("masks", "uint8", ("B", "K", "H/4", "W/4")),  # binary, stride 4
+)
+OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)
+
+# metadata_props keys every exported model carries (values are strings; lists and mappings are json).
+METADATA_KEYS = (
+    "freesolo.contract",  # version of this contract
+    "freesolo.preset",
+    "freesolo.input_size",  # json: {"height", "width", "dynamic", "size_divisor", "test_size", "max_size", "resize"}
+    "freesolo.inference",  # json: score_thr, mask_thr, update_thr, nms_pre, nms_kernel, nms_sigma
+    "freesolo.max_per_img",  # K
+    "freesolo.class_names",  # json list, index = label
+    "freesolo.category_ids",  # json list, index = label
+    "freesolo.run_id",
+    "freesolo.checkpoint",  # file name of the checkpoint the graph came from ("(random weights ...)" for --preset)
+    "freesolo.precision",  # fp32 or int8
+)
+CONTRACT_VERSION = "1"
+PRECISIONS = ("fp32", "bf16", "int8")  # --precision of `freesolo export onnx`
+DEFAULT_CALIB_COUNT = 32  # int8 calibration images
+
+
+def fit_within(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
+    """The second step of the input-size policy: an image already resized by the training policy (shorter side to
+    test_size, longer side at most max_size) is scaled down, keeping its aspect, until it fits a fixed-size graph's
+    H x W; it is then padded bottom/right with zeros."""
+    scale = min(1.0, max_height / height, max_width / width)
+    if scale == 1.0:
+        return height, width
+    return max(1, min(max_height, round(height * scale))), max(1, min(max_width, round(width * scale)))

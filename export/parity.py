@@ -1,0 +1,165 @@
+"""Do two runtimes give the same detections? Graph-contract outputs of a batch compared image by image, as sets.
+
+Detections are matched greedily by mask IoU (same label only), because two correct runtimes may order near-equal
+scores differently, or swap which of two near-equal candidates is the K-th. numpy only, so every runtime (PyTorch,
+ONNX Runtime, TensorRT, Triton) is compared with the same code (``freesolo parity`` reuses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from export.graph_contract import MASK_STRIDE
+
+Outputs = Mapping[str, np.ndarray]  # contract name -> batched array (num_dets, scores, labels, boxes, masks)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What counts as the same detections: num_dets within ``num_dets``, at most ``unmatched`` detections of either
+    side without a partner, matched masks at IoU >= ``mask_iou``, scores within ``score``, boxes within ``box``
+    pixels (one stride-4 mask cell by default). Raw head tensors (before any threshold) agree when every element
+    satisfies ``|a - b| <= head_atol + head_rtol * |a|`` (a the reference), as in ``numpy.allclose``."""
+
+    num_dets: int = 1
+    unmatched: int = 1
+    mask_iou: float = 0.98
+    score: float = 1e-3
+    box: float = float(MASK_STRIDE)
+    head_atol: float = 1e-3
+    head_rtol: float = 1e-3
+
+
+@dataclass
+class ImageParity:
+    """One image's comparison; ``problems`` is empty when the image passes."""
+
+    num_dets: tuple[int, int]
+    matched: int
+    unmatched: tuple[int, int]
+    min_iou: float
+    max_score_diff: float
+    max_box_diff: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU [n, m] of binary masks a [n, h, w] and b [m, h, w]; empty unions give 0."""
+    pixels = int(np.prod(a.shape[1:]))
+    fa = a.reshape(len(a), pixels).astype(np.float64)
+    fb = b.reshape(len(b), pixels).astype(np.float64)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1.0), 0.0)
+
+
+def greedy_match(iou: np.ndarray, same_label: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs (i, j), best IoU first, each detection used once, same label and IoU > 0 only. Low-IoU pairs are
+    kept, so that a mask that moved is reported as a low IoU rather than as two unmatched detections."""
+    candidates = np.argwhere(same_label & (iou > 0))
+    order = np.argsort(-iou[candidates[:, 0], candidates[:, 1]], kind="stable")
+    used_a, used_b, pairs = set(), set(), []
+    for i, j in candidates[order]:
+        if i not in used_a and j not in used_b:
+            used_a.add(int(i))
+            used_b.add(int(j))
+            pairs.append((int(i), int(j)))
+    return pairs
+
+
+def compare_image(reference: Outputs, candidate: Outputs, index: int, tolerance: Tolerance) -> ImageParity:
+    """Compare image ``index`` of two batches of contract outputs."""
+    na, nb = int(reference["num_dets"][index]), int(candidate["num_dets"][index])
+    masks_a, masks_b = reference["masks"][index, :na] > 0, candidate["masks"][index, :nb] > 0
+    labels_a, labels_b = reference["labels"][index, :na], candidate["labels"][index, :nb]
+    iou = mask_iou(masks_a, masks_b)
+    pairs = greedy_match(iou, labels_a[:, None] == labels_b[None, :])
+    ious = [iou[i, j] for i, j in pairs]
+    score_diffs = [abs(float(reference["scores"][index, i]) - float(candidate["scores"][index, j])) for i, j in pairs]
+    box_diffs = [float(np.abs(reference["boxes"][index, i] - candidate["boxes"][index, j]).max()) for i, j in pairs]
+    result = ImageParity(
+        num_dets=(na, nb),
+        matched=len(pairs),
+        unmatched=(na - len(pairs), nb - len(pairs)),
+        min_iou=min(ious, default=1.0),
+        max_score_diff=max(score_diffs, default=0.0),
+        max_box_diff=max(box_diffs, default=0.0),
+    )
+    checks = [
+        (abs(na - nb) <= tolerance.num_dets, f"num_dets {na} vs {nb}"),
+        (max(result.unmatched) <= tolerance.unmatched, f"unmatched detections {result.unmatched}"),
+        (result.min_iou >= tolerance.mask_iou, f"matched mask IoU {result.min_iou:.4f}"),
+        (result.max_score_diff <= tolerance.score, f"score difference {result.max_score_diff:.2e}"),
+        (result.max_box_diff <= tolerance.box, f"box difference {result.max_box_diff:.1f} px"),
+    ]
+    result.problems = [message for passed, message in checks if not passed]
+    return result
+
+
+def compare_outputs(reference: Outputs, candidate: Outputs, tolerance: Tolerance | None = None) -> list[ImageParity]:
+    """Every image of two batches of contract outputs (same batch size), compared as detection sets."""
+    tolerance = tolerance or Tolerance()
+    batch = len(reference["num_dets"])
+    if len(candidate["num_dets"]) != batch:
+        raise ValueError(f"batch sizes differ: {batch} vs {len(candidate['num_dets'])}")
+    return [compare_image(reference, candidate, i, tolerance) for i in range(batch)]
+
+
+def summary(results: list[ImageParity]) -> str:
+    """One line per failing image (or one line saying all passed), for test messages and the CLI."""
+    failing = [f"image {i}: {'; '.join(r.problems)}" for i, r in enumerate(results) if not r.ok]
+    if not failing:
+        dets = sum(r.matched for r in results)
+        return f"{len(results)} images, {dets} matched detections: all within tolerance"
+    return "\n".join(failing)
+
+
+@dataclass
+class HeadParity:
+    """One image's raw head tensors compared: the largest absolute difference, in which tensor, and what failed."""
+
+    max_abs_diff: float
+    worst: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def compare_heads(reference: Outputs, candidate: Outputs, index: int, tolerance: Tolerance) -> HeadParity:
+    """Image ``index`` of two batches of named raw tensors (same names and shapes), element by element.
+
+    Continuous values before any threshold: a numeric drift shows here long before it flips a detection."""
+    result = HeadParity(max_abs_diff=0.0, worst="")
+    outside = []
+    for name, ref in reference.items():
+        if name not in candidate:
+            result.problems.append(f"head {name} missing")
+            continue
+        a, b = np.asarray(ref[index], np.float64), np.asarray(candidate[name][index], np.float64)
+        if a.shape != b.shape:
+            result.problems.append(f"head {name} shape {a.shape} vs {b.shape}")
+            continue
+        if not np.isfinite(b).all():
+            result.problems.append(f"head {name} has NaN or inf")
+            continue
+        diff = np.abs(a - b)
+        worst = float(diff.max(initial=0.0))
+        if (diff > tolerance.head_atol + tolerance.head_rtol * np.abs(a)).any():
+            outside.append(name)
+        if worst > result.max_abs_diff or not result.worst:
+            result.max_abs_diff, result.worst = worst, name
+    if outside:
+        result.problems.append(
+            f"heads outside tolerance: {len(outside)} of {len(reference)} tensors "
+            f"(worst {result.worst}, max |diff| {result.max_abs_diff:.2e})"
+        )
+    return result

@@ -1,0 +1,45 @@
+"""Triton python model ``postprocess``: the model's padded-input detections -> compact detections at each image's
+original size (COCO RLE masks and their boxes in original pixels). The logic is in ``serving.detections``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from serving.contract import GEOMETRY
+from serving.detections import OutputError, image_outputs
+from serving.python_models import Arrays, RequestError, input_array, respond_each, stack_outputs
+
+
+class TritonPythonModel:
+    """Per request: check the batch is consistent, then one image at a time (mask upsampling dominates)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        masks = pb_utils.get_input_config_by_name(config, "raw_masks")["dims"]
+        self.k, self.mask_size = int(masks[0]), tuple(int(d) for d in masks[1:])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return respond_each(pb_utils, "postprocess", requests, self.handle)
+
+    def handle(self, request: Any) -> Arrays:
+        k = self.k
+        num_dets = input_array(pb_utils, request, "raw_num_dets", np.int32, (1,))
+        scores = input_array(pb_utils, request, "raw_scores", np.float32, (k,))
+        labels = input_array(pb_utils, request, "raw_labels", np.int32, (k,))
+        masks = input_array(pb_utils, request, "raw_masks", np.uint8, (k, *self.mask_size))
+        geometry = input_array(pb_utils, request, GEOMETRY, np.int32, (4,))
+        batch = {len(a) for a in (num_dets, scores, labels, masks, geometry)}
+        if len(batch) != 1:
+            raise RequestError(f"inputs have different batch sizes {sorted(batch)}")
+        try:
+            items = [
+                image_outputs(int(num_dets[i, 0]), scores[i], labels[i], masks[i], geometry[i])
+                for i in range(len(num_dets))
+            ]
+        except OutputError as error:
+            raise RequestError(str(error)) from None
+        return stack_outputs(items)

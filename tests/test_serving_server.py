@@ -1,0 +1,258 @@
+"""End to end on a real tritonserver (the one bundled in nvidia-pytriton, python backend, loopback only): export a
+model, `serve prepare --backend python`, `serve start`, send encoded images over gRPC (batch 1, batch 4, concurrent
+clients, bad requests), compare with PyTorch's COCO results for the same checkpoint at the original image size,
+`serve stop`, and check that no process is left. Plus the start-up failures a user meets: a taken port, a folder
+that is no repository, a config Triton cannot parse and a model that fails to load.
+
+The model is conftest's ``dynamic_onnx`` (the sharpened ``lively_checkpoint``, so every image has detections to
+compare), which ``serve prepare`` serves at the size its metadata records (128 x 128, the tiny preset's test size)."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import socket
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from export.graph_contract import fit_within
+from export.parity import greedy_match
+from serving.contract import ENSEMBLE, INPUT, OUTPUT_NAMES
+from serving.launcher import ServerState, read_state
+from serving.processes import family, is_running
+from serving.server_binary import pytriton_root
+from training.cli import main
+from training.data.batching import pad_to
+from training.data.transforms import resize_image, resized_shape, to_tensor_image
+from training.inference import Predictor
+from training.results import ImageGeometry, image_results
+
+grpc = pytest.importorskip("tritonclient.grpc")
+pytestmark = pytest.mark.skipif(
+    pytriton_root() is None and shutil.which("tritonserver") is None, reason="no tritonserver (nvidia-pytriton)"
+)
+SIZE = 128  # the tiny preset's test size: what a dynamic model is served at by default
+
+
+def port_arguments(ports: list[int]) -> list[str]:
+    return ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+
+
+def prepare(onnx_path: Path, repo: Path) -> None:
+    args = ["serve", "prepare", "--onnx", str(onnx_path), "--repo", str(repo), "--max-batch", "8", "--threads", "1"]
+    assert main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def server(dynamic_onnx: Path, start_triton: Callable[[Path], ServerState]) -> Iterator[dict]:
+    """This module's own server (its last tests stop it)."""
+    state = start_triton(dynamic_onnx)
+    repo = Path(state.log).parent
+    try:
+        yield {"repo": repo, "ports": [state.http_port, state.grpc_port, state.metrics_port], "url": state.grpc_url}
+    finally:
+        main(["serve", "stop", "--repo", str(repo)])
+
+
+def encode(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(lively_checkpoint: Path, pictures: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+    """PyTorch's COCO results of each picture at its original size, from the same fixed-size input the server
+    builds (test resize, fitted into 128 x 128, padded)."""
+    predictor = Predictor.from_checkpoint(lively_checkpoint)
+    config = predictor.config.input
+    inputs, geometries = [], []
+    for image in pictures:
+        size = fit_within(*resized_shape(*image.shape[:2], config.test_size, config.max_size), SIZE, SIZE)
+        inputs.append(pad_to(resize_image(to_tensor_image(image), size), (SIZE, SIZE)))
+        geometries.append(ImageGeometry(*image.shape[:2], *size))
+    dets, _ = predictor.detections(torch.stack(inputs))
+    return [
+        image_results(int(dets.num_dets[i]), dets.scores[i].numpy(), dets.labels[i].numpy(), dets.masks[i].numpy(),
+                      geometries[i], i, predictor.category_ids)
+        for i in range(len(pictures))
+    ]  # fmt: skip
+
+
+def infer(url: str, images: list[bytes]) -> list[dict[str, np.ndarray]]:
+    """One request carrying ``images``; the per-image outputs."""
+    client = grpc.InferenceServerClient(url)
+    data = np.array([[image] for image in images], dtype=np.object_)
+    tensor = grpc.InferInput(INPUT, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    result = client.infer(ENSEMBLE, [tensor])
+    outputs = {name: result.as_numpy(name) for name in OUTPUT_NAMES}
+    return [{name: array[i] for name, array in outputs.items()} for i in range(len(images))]
+
+
+def differences(served: dict[str, np.ndarray], expected: list[dict[str, Any]], image: np.ndarray) -> list[str]:
+    """What differs between one served image and PyTorch's results: count within 1, at most one unmatched
+    detection a side, matched masks at IoU >= 0.98 (same label), scores within 5e-3; each box is its mask's."""
+    height, width = image.shape[:2]
+    count = int(served["num_dets"][0])
+    problems = []
+    if served["image_size"].tolist() != [height, width]:
+        problems.append(f"image_size {served['image_size'].tolist()}")
+    if any(served["masks_rle"][count:]) or served["scores"][count:].any():
+        problems.append("outputs past num_dets are not empty")
+    ours = [{"size": [height, width], "counts": served["masks_rle"][i]} for i in range(count)]
+    theirs = [{"size": [height, width], "counts": r["segmentation"]["counts"].encode()} for r in expected]
+    if abs(count - len(theirs)) > 1:
+        problems.append(f"{count} detections served, {len(theirs)} from PyTorch")
+    if not ours or not theirs:
+        return problems
+    iou = np.asarray(mask_utils.iou(ours, theirs, [0] * len(theirs)))
+    labels = np.array([int(served["labels"][i]) + 1 for i in range(count)])  # category ids are label + 1 here
+    pairs = greedy_match(iou, labels[:, None] == np.array([r["category_id"] for r in expected])[None, :])
+    if max(count, len(theirs)) - len(pairs) > 1:
+        problems.append(f"only {len(pairs)} of {count} / {len(theirs)} detections match")
+    worst_iou = min(iou[i, j] for i, j in pairs)
+    worst_score = max(abs(float(served["scores"][i]) - expected[j]["score"]) for i, j in pairs)
+    if worst_iou < 0.98 or worst_score > 5e-3:
+        problems.append(f"matched mask IoU {worst_iou:.4f}, score difference {worst_score:.2e}")
+    for i in range(count):
+        x, y, w, h = mask_utils.toBbox(ours[i])
+        if served["boxes"][i].tolist() != [x, y, x + w, y + h]:
+            problems.append(f"box {served['boxes'][i].tolist()} is not its mask's {[x, y, x + w, y + h]}")
+    return problems
+
+
+def test_batch_of_one_matches_pytorch(server: dict, pictures: list[np.ndarray], reference: list) -> None:
+    total = 0
+    for index, image in enumerate(pictures):
+        (served,) = infer(server["url"], [encode(image)])
+        assert not differences(served, reference[index], image), f"picture {index}"
+        total += int(served["num_dets"][0])
+    assert total >= len(pictures)  # the comparison is not of empty sets
+
+
+def test_batch_of_four_matches_pytorch(server: dict, pictures: list[np.ndarray], reference: list) -> None:
+    picks = [4, 5, 0, 6]  # astronaut, coffee, a synthetic scene, chelsea
+    served = infer(server["url"], [encode(pictures[i]) for i in picks])
+    for item, index in zip(served, picks, strict=True):
+        assert not differences(item, reference[index], pictures[index]), f"picture {index}"
+
+
+def test_concurrent_clients_get_their_own_answers(server: dict, pictures: list, reference: list) -> None:
+    failures: list[str] = []
+
+    def client(first: int) -> None:
+        try:
+            for step in range(3):
+                picks = [(first + step) % len(pictures), (first + 2 * step + 1) % len(pictures)][: 1 + step % 2]
+                for item, index in zip(infer(server["url"], [encode(pictures[i]) for i in picks]), picks, strict=True):
+                    failures.extend(f"client {first}, picture {index}: {p}"
+                                    for p in differences(item, reference[index], pictures[index]))  # fmt: skip
+        except Exception as error:  # surfaced by the assertion below
+            failures.append(f"client {first}: {error}")
+
+    threads = [threading.Thread(target=client, args=(first,)) for first in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (a decompression bomb's header, CRC fixed)."""
+    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8)))
+    start = data.index(b"IHDR")
+    data[start + 4 : start + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[start + 17 : start + 21] = zlib.crc32(bytes(data[start : start + 17])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_bad_requests_fail_alone_and_the_server_stays_up(server: dict, pictures: list[np.ndarray]) -> None:
+    good = encode(pictures[0])
+    cases = [
+        ([b""], "preprocess: image: empty image (0 bytes)"),
+        ([b"GIF89a nonsense"], "not a JPEG or PNG image"),
+        ([encode(pictures[4])[:5000]], "truncated"),
+        ([png_claiming(30_000, 30_000)], "pixels (decompression-bomb guard)"),
+        ([good, b"\x00" * 100], "image 1 of 2"),
+    ]
+    for images, message in cases:
+        with pytest.raises(grpc.InferenceServerException, match=re.escape(message)) as error:
+            infer(server["url"], images)
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert grpc.InferenceServerClient(server["url"]).is_server_ready()
+    assert int(infer(server["url"], [good])[0]["num_dets"][0]) >= 0
+
+
+def test_status_and_a_second_start(
+    server: dict, free_ports: Callable[[int], list[int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert main(["serve", "status", "--repo", str(server["repo"])]) == 0
+    out = capsys.readouterr().out
+    assert "ready" in out and all(f"{m} v1: READY" in out for m in ("freesolo", "preprocess", "model", "postprocess"))
+    assert main(["serve", "start", "--repo", str(server["repo"]), *port_arguments(free_ports(3))]) == 2
+    assert "already runs" in capsys.readouterr().err
+
+
+def test_stop_leaves_no_process(server: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    state = read_state(server["repo"])
+    assert state is not None
+    children = family(state.pid)
+    assert len(children) >= 3  # a stub per python model
+    assert main(["serve", "stop", "--repo", str(server["repo"])]) == 0
+    assert not is_running(state.pid) and not any(is_running(pid) for pid in children)
+    assert read_state(server["repo"]) is None
+    assert main(["serve", "status", "--repo", str(server["repo"])]) == 1
+    assert f"stopped tritonserver pid {state.pid}" in capsys.readouterr().out
+
+
+def test_a_taken_port_is_named(
+    tmp_path: Path, free_ports: Callable[[int], list[int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text('name: "m"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = free_ports(3)
+        ports[1] = taken.getsockname()[1]
+        assert main(["serve", "start", "--repo", str(tmp_path), *port_arguments(ports)]) == 2
+    assert f"--grpc-port {ports[1]} on 127.0.0.1 is already in use" in capsys.readouterr().err
+
+
+def test_invalid_repositories_are_explained(
+    dynamic_onnx: Path,
+    cache_home: Path,
+    free_ports: Callable[[int], list[int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "start", "--repo", str(tmp_path), *port_arguments(free_ports(3))]) == 2
+    assert "holds no model" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    (broken / "bad").mkdir(parents=True)
+    (broken / "bad" / "config.pbtxt").write_text('name: "bad"\nbackend: "python"\nmax_batch_size: lots\n')
+    assert main(["serve", "start", "--repo", str(broken), *port_arguments(free_ports(3))]) == 2
+    err = capsys.readouterr().err
+    assert "tritonserver exited" in err and "Expected integer, got: lots" in err and "'bad'" in err
+
+    repo = tmp_path / "repo"
+    prepare(dynamic_onnx, repo)
+    (repo / "model" / "1" / "model.onnx").unlink()
+    assert main(["serve", "start", "--repo", str(repo), *port_arguments(free_ports(3))]) == 2
+    err = capsys.readouterr().err
+    assert "failed to load 'model'" in err and "model.onnx not found" in err
+    assert read_state(repo) is None  # nothing left running

@@ -1,0 +1,151 @@
+"""The python models' logic without a server: guarded decoding, the torch-free test resize (same pixels as torch's),
+original-size detections, and per-request errors (a stand-in for Triton's ``triton_python_backend_utils``)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from serving.contract import MAX_IMAGE_BYTES
+from serving.detections import OutputError, image_outputs
+from serving.imaging import ImageError, InputPolicy, decode_image, prepare_image, resize_rgb, resized_shape
+from serving.python_models import RequestError, respond_each
+from training.data.transforms import resize_image, to_tensor_image
+from training.data.transforms import resized_shape as training_resized_shape
+from training.results import ImageGeometry, masks_to_original
+
+
+def encode(image: np.ndarray, image_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (a decompression bomb's header, CRC fixed)."""
+    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8)))
+    start = data.index(b"IHDR")
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (85, 128), (200, 300), (13, 7), (600, 517)])
+def test_resize_gives_torchs_pixels(size: tuple[int, int]) -> None:
+    for image in (skimage.data.astronaut(), skimage.data.coffee()):
+        ours = resize_rgb(image, size).astype(int)
+        torch_pixels = resize_image(to_tensor_image(image), size).permute(1, 2, 0).numpy().astype(int)
+        difference = np.abs(ours - torch_pixels)
+        assert difference.max() <= 1 and (difference > 0).mean() < 5e-3  # float rounding at .5 only
+
+
+def test_prepare_fits_pads_and_records_geometry() -> None:
+    assert all(
+        resized_shape(h, w, 128, 224) == training_resized_shape(h, w, 128, 224)
+        for h, w in [(512, 512), (400, 600), (37, 53), (1000, 30)]
+    )
+    image = skimage.data.coffee()  # 400 x 600 -> 128 x 192 by the test resize -> 85 x 128 to fit 128 x 128
+    padded, geometry = prepare_image(image, InputPolicy(128, 128, 128, 224))
+    assert padded.shape == (3, 128, 128) and padded.dtype == np.uint8
+    assert geometry.tolist() == [400, 600, 85, 128]
+    assert not padded[:, 85:].any() and padded[:, :85].any()
+
+
+def test_decode_reads_png_jpeg_and_grey_as_rgb() -> None:
+    photo = skimage.data.chelsea()
+    assert np.array_equal(decode_image(encode(photo)), photo)
+    assert decode_image(encode(photo, "JPEG")).shape == photo.shape
+    assert decode_image(encode(skimage.data.camera())).shape == (*skimage.data.camera().shape, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty image"),
+        (b"not an image at all", "not a JPEG or PNG image"),
+        (encode(skimage.data.astronaut())[:4000], "truncated"),
+        (png_claiming(30_000, 30_000), "more than 40000000 pixels"),
+        (png_claiming(10_000, 8_000), "more than 40000000 pixels"),
+        (png_claiming(20_000, 10), "each side must be 1 to 16384"),
+        (encode(np.zeros((8, 8, 3), np.uint8), "GIF"), "unsupported image format GIF"),
+        (b"\x89PNG" + bytes(MAX_IMAGE_BYTES), "more than the limit"),
+    ],
+)
+def test_bad_bytes_raise_a_clear_error(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        decode_image(data)
+
+
+def contract_outputs(k: int = 5) -> dict[str, Any]:
+    """Stride-4 masks of a 128 x 128 input: det 0 a block, det 1 empty, det 2 a single cell (vanishes when shrunk)."""
+    masks = np.zeros((k, 32, 32), np.uint8)
+    masks[0, 4:12, 8:20] = 1
+    masks[2, 30, 30] = 1
+    scores = np.array([0.9, 0.8, 0.7, 0, 0], np.float32)
+    labels = np.array([2, 1, 3, 0, 0], np.int32)
+    return {"num_dets": 3, "scores": scores, "labels": labels, "masks": masks}
+
+
+def test_detections_at_original_size_drop_empty_masks() -> None:
+    out = contract_outputs()
+    geometry = np.array([200, 300, 64, 96], np.int32)  # the image was shrunk to 64 x 96 of the 128 x 128 input
+    result = image_outputs(out["num_dets"], out["scores"], out["labels"], out["masks"], geometry)
+    assert result["num_dets"].tolist() == [1] and result["image_size"].tolist() == [200, 300]
+    assert result["scores"][0] == pytest.approx(0.9) and result["labels"][0] == 2 and not result["scores"][1:].any()
+    assert list(result["masks_rle"][1:]) == [b""] * 4 and not result["boxes"][1:].any()
+    decoded = mask_utils.decode({"size": [200, 300], "counts": result["masks_rle"][0]})
+    expected = masks_to_original(out["masks"][:1], ImageGeometry(200, 300, 64, 96))[0]
+    assert np.array_equal(decoded.astype(bool), expected)
+    rows, cols = np.nonzero(expected)
+    assert result["boxes"][0].tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]  # the mask's box
+
+
+def test_detections_refuse_inconsistent_outputs() -> None:
+    out = contract_outputs()
+    with pytest.raises(OutputError, match="disagree"):
+        image_outputs(3, out["scores"], out["labels"][:4], out["masks"], np.array([8, 8, 8, 8]))
+    with pytest.raises(OutputError, match="does not fit"):
+        image_outputs(3, out["scores"], out["labels"], out["masks"], np.array([8, 8, 200, 8]))
+
+
+class FakeTritonError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        self.message, self.code = message, code
+
+
+def fake_pb() -> SimpleNamespace:
+    """The parts of triton_python_backend_utils the models use."""
+    return SimpleNamespace(
+        TritonError=FakeTritonError,
+        InferenceResponse=lambda output_tensors, error=None: SimpleNamespace(outputs=output_tensors, error=error),
+        Tensor=lambda name, array: (name, array),
+        get_input_tensor_by_name=lambda request, name: request.get(name),
+    )
+
+
+def test_each_request_gets_its_own_answer_or_error() -> None:
+    def handle(request: dict[str, Any]) -> dict[str, np.ndarray]:
+        if request["kind"] == "bad":
+            raise RequestError("image 1 of 2: empty image (0 bytes)")
+        if request["kind"] == "bug":
+            raise KeyError("oops")
+        return {"num_dets": np.array([[1]], np.int32)}
+
+    requests = [{"kind": "ok"}, {"kind": "bad"}, {"kind": "bug"}, {"kind": "ok"}]
+    responses = respond_each(fake_pb(), "preprocess", requests, handle)
+    assert [r.error is None for r in responses] == [True, False, False, True]
+    assert responses[1].error.code == "INVALID_ARG"
+    assert responses[1].error.message == "preprocess: image 1 of 2: empty image (0 bytes)"
+    assert responses[2].error.code == "INTERNAL" and "KeyError" in responses[2].error.message
+    assert responses[0].outputs[0][0] == "num_dets"
