@@ -5,7 +5,7 @@ one self-training round -> class-agnostic evaluation of every stage (pycocotools
 overlays of the coarse masks beside the final predictions; then the final model is exported to ONNX (Matrix NMS
 inside), served by the real Triton Inference Server (python backend, 127.0.0.1 only) and queried over gRPC with
 `freesolo infer` on held-out images. The schedules are shortened from the tiny preset's so the demo fits in about
-17 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
+18 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
