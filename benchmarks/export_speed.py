@@ -19,7 +19,6 @@ Medians and p90 after warm-up go to OUT/export_speed.json and OUT/export_speed.m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,14 +34,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.run import cpu_name
+from benchmarks.run import cpu_name, write_report
 from export.onnx_export import BF16_UNSUPPORTED, InputSize, build_onnx, preset_model
 from export.onnx_inputs import InputPolicy, OnnxModel, calibration_images
 from export.quantize import quantize_int8
 from training.checkpoint import model_from_checkpoint
 from training.config import Config
 from training.evaluate import load_ground_truth
-from training.fileio import atomic_write_text
 from training.models import SOLOv2
 from training.models.postprocess import postprocess
 from training.report import STAGE_KEYS, model_results, stage_row
@@ -244,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         report["skipped"] = f"{args.checkpoint} (or its val/calibration data) not found"
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["load_average_end"] = os.getloadavg()[0]
-    atomic_write_text(args.out / "export_speed.json", json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    atomic_write_text(args.out / "export_speed.md", text)
-    print(text)
+    write_report(args.out, "export_speed", report, markdown(report))
     return 0
 
 

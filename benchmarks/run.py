@@ -75,6 +75,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_report(out: Path, stem: str, report: dict[str, Any], text: str) -> None:
+    """Every benchmark leaves the same pair, ``stem.json`` and ``stem.md``, and prints the markdown."""
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", text)
+    print(text)
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Benchmarks ({report['machine']}, torch {report['torch']}, {report['threads']} threads, {report['date']})",
@@ -112,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": [model_latency(preset, size, args.repeats) for preset, size in MODEL_CASES],
         "matrix_nms": [nms_latency(n, args.repeats) for n in NMS_SIZES],
     }
-    atomic_write_text(args.out / "bench.json", json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    atomic_write_text(args.out / "bench.md", text)
-    print(text)
+    write_report(args.out, "bench", report, markdown(report))
     return 0
 
 

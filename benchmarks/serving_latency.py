@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import socket
@@ -39,7 +38,7 @@ import skimage.data
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from benchmarks.run import cpu_name
+from benchmarks.run import cpu_name, write_report
 from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
 from serving.client import FreeSOLOClient
 from serving.client_results import Detection, ModelInfo, response_detections
@@ -49,7 +48,6 @@ from serving.imaging import InputPolicy, decode_image, prepare_image
 from serving.launcher import Ports, ServerState, start_server, stop_server
 from serving.repository import Settings, prepare_repository, read_model
 from training.cli import main as freesolo
-from training.fileio import atomic_write_text
 
 REPORT_MODEL = Path("runs/freesolo_report/supervised/model.pt")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -286,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     report["server_steps"] = {name: per_step_ms(before[name], after[name]) for name in before}
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["load_average_end"] = os.getloadavg()[0]
-    atomic_write_text(args.out / "serving_latency.json", json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    atomic_write_text(args.out / "serving_latency.md", text)
-    print(text)
+    write_report(args.out, "serving_latency", report, markdown(report))
     return 0
 
 
