@@ -4,18 +4,20 @@ synthetic data -> `freesolo pipeline`: DenseCL pre-training -> Free Mask coarse 
 one self-training round -> class-agnostic evaluation of every stage (pycocotools; the labels are used only here) ->
 overlays of the coarse masks beside the final predictions; then the final model is exported to ONNX (Matrix NMS
 inside), served by the real Triton Inference Server (python backend, 127.0.0.1 only) and queried over gRPC with
-`freesolo infer` on held-out images. The schedules are shortened from the tiny preset's so the demo fits in about
-18 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
+`freesolo infer` on held-out images; last, runs/demo/report.md puts the stage table, PyTorch-vs-ONNX parity, a
+latency table of the three runtimes and the pictures on one page. The schedules are shortened from the tiny preset's
+so the demo fits in about 18 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.demo_report import write_demo_report
+from benchmarks.serving_setup import free_ports
 from training.cli import main as freesolo
 
 TRAIN_IMAGES = 400  # 40% of the default set: Free Mask and the pseudo-labels go over every training image
@@ -43,45 +45,37 @@ def run_demo(out: Path, pretrain_iters: int, weak_iters: int) -> None:
     pipeline += ["--eval-images", str(data / "val"), "--eval-ann", str(data / "val.json")]
     pipeline += ["--set", f"pretrain.solver.iters={pretrain_iters}", "--set", f"weak.solver.iters={weak_iters}"]
     step("2/4 FreeSOLO without labels: pretrain -> freemask -> weak SOLO -> self-training -> evaluation", pipeline)
-    onnx = out / "model.onnx"
+    onnx, final = out / "model.onnx", run / "selftrain" / "model.pt"
     if not onnx.is_file():
-        step(
-            "3/4 export the final model: one ONNX graph, Matrix NMS inside",
-            _export(run / "selftrain" / "model.pt", onnx),
-        )
-    serve(out, onnx, sorted((data / "val").iterdir())[:SERVED_IMAGES])
-    print(f"\nreport: {run / 'report.md'}  overlays: {run / 'overlays.png'}  served: {out / 'served'}")
+        step("3/4 export the final model: one ONNX graph, Matrix NMS inside", _export(final, onnx))
+    serve(out, onnx, final, sorted((data / "val").iterdir())[:SERVED_IMAGES])
+    print(f"\nreport: {out / 'report.md'}  stages: {run / 'report.md'}  served: {out / 'served'}")
 
 
 def _export(checkpoint: Path, onnx: Path) -> list[str]:
     return ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx)]
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the OS reports free on the loopback (so the demo never collides with a server already running)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def serve(out: Path, onnx: Path, images: list[Path]) -> None:
-    """Serve the model with Triton, run `freesolo infer` over gRPC on ``images``, always stop the server."""
+def serve(out: Path, onnx: Path, checkpoint: Path, images: list[Path]) -> None:
+    """Serve the model with Triton, run `freesolo infer` over gRPC on ``images``, write the demo report while the
+    server is up (its latency table includes Triton), always stop the server."""
     repo = out / "triton"
     step(
         "4/4 serve with Triton: prepare the repository",
         ["serve", "prepare", "--onnx", str(onnx), "--repo", str(repo), "--force"],
     )
-    grpc, http, metrics = free_ports(3)
-    ports = ["--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
+    free = free_ports()  # so the demo never collides with a server already running
+    grpc = free.grpc
+    ports = ["--grpc-port", str(grpc), "--http-port", str(free.http), "--metrics-port", str(free.metrics)]
     step("    start tritonserver (127.0.0.1)", ["serve", "start", "--repo", str(repo), *ports])
     try:
         infer = ["infer", "--url", f"127.0.0.1:{grpc}", *map(str, images)]
         infer += ["--out", str(out / "served" / "predictions.json"), "--vis", str(out / "served")]
         step(f"    freesolo infer over gRPC on {len(images)} held-out images", infer)
+        print("\n==> the demo report: parity, latency of PyTorch / ONNX Runtime / Triton, pictures", flush=True)
+        started = time.perf_counter()
+        report = write_demo_report(out, checkpoint, onnx, f"127.0.0.1:{grpc}", images)
+        print(f"    {report} in {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         step("    stop the server", ["serve", "stop", "--repo", str(repo)])
 

@@ -1,126 +1,148 @@
-"""`make bench`: latency of the PyTorch reference path, measured side by side in one process.
+"""`make bench` / `freesolo bench`: every benchmark and the full reliability runs, one after the other, and one report.
 
-- end-to-end inference (network + post-processing to the graph contract), batch 1, random weights: speed does not
-  depend on what the weights learned;
-- the Matrix NMS reference against the number of masks N.
-
-Medians and p90 over repeated runs after warm-up; results go to OUT/bench.json and OUT/bench.md.
+Each part is a module with ``run(out, quick) -> dict`` that writes ``OUT/<part>/<stem>.json``, ``.md`` and its PNG
+plots. Parts run in sequence (two at a time would measure each other on 2 cores); a part that fails is reported and
+the others still run. ``OUT/report.md`` collects the headline numbers, the time of each part and every part's own
+report; ``OUT/report.json`` holds the headline numbers and each part's status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
-import platform
-import statistics
+import re
+import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from training.config import load_preset
-from training.fileio import atomic_write_text
-from training.models import SOLOv2
-from training.models.postprocess import postprocess
-from training.ops import matrix_nms
-
-MODEL_CASES = [("tiny", 128), ("tiny", 256), ("r50", 512), ("r50", 800)]
-NMS_SIZES = [50, 100, 200, 500, 1000]
-NMS_MASK_SIDE = 128  # stride-4 masks of a 512 px input
+from benchmarks.headlines import headline_rows
+from benchmarks.reporting import machine, utc_now, write_report
+from training.cli import main as freesolo
+from training.errors import UserError
 
 
-def timings(function: Callable[[], Any], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median and p90 of ``repeats`` calls in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        function()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        samples.append(1000 * (time.perf_counter() - started))
-    samples.sort()
-    return {"median_ms": statistics.median(samples), "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))]}
+@dataclass(frozen=True)
+class Part:
+    name: str
+    module: str
+    title: str
 
 
-@torch.inference_mode()
-def model_latency(preset: str, size: int, repeats: int) -> dict[str, Any]:
-    config = load_preset(preset)
-    model = SOLOv2(config.model).eval()
-    images = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
-    result = timings(lambda: postprocess(model(images), config.inference, config.model.strides), repeats)
-    return {"preset": preset, "input": size, **result, "images_per_s": 1000 / result["median_ms"]}
+PARTS = (
+    Part("latency", "benchmarks.latency", "Latency and throughput: PyTorch eager, ONNX Runtime fp32/int8, bf16"),
+    Part("serving", "benchmarks.serving_latency", "Triton gRPC overhead against in-process ONNX Runtime"),
+    Part("sweep", "benchmarks.serving_sweep", "Triton gRPC load: concurrency 1..8, shared memory on/off"),
+    Part("nms", "benchmarks.nms_study", "Matrix NMS study: time against N, mask AP with each NMS"),
+    Part("serving_reliability", "benchmarks.serving_reliability", "Serving under load and faults: soak, kill"),
+    Part("training_reliability", "benchmarks.training_reliability", "Training and Free Mask killed and resumed"),
+)
+PART_NAMES = tuple(part.name for part in PARTS)
 
 
-@torch.inference_mode()
-def nms_latency(n: int, repeats: int) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(n)
-    masks = torch.rand(n, NMS_MASK_SIDE, NMS_MASK_SIDE, generator=generator) > 0.7
-    labels = torch.randint(0, 3, (n,), generator=generator)
-    scores = torch.rand(n, generator=generator).sort(descending=True).values
-    return {"n": n, **timings(lambda: matrix_nms(masks, labels, scores), repeats)}
+def git_commit() -> str:
+    """The commit measured (with '+changes' when the work tree differs), or 'unknown' outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+def run_part(part: Part, out: Path, quick: bool) -> dict[str, Any]:
+    """One part, timed; a failure becomes an entry with its error instead of stopping the others."""
+    print(f"\n=== {part.name}: {part.title}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    runner: Callable[..., dict[str, Any]] = importlib.import_module(part.module).run
+    try:
+        report = runner(out / part.name, quick=quick)
+        status = {"ok": True, "report": report}
+    except Exception as error:  # a broken part must not hide the others' numbers
+        traceback.print_exc()
+        status = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    status["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"=== {part.name}: {'done' if status['ok'] else 'FAILED'} in {status['seconds']:.0f} s", file=sys.stderr)
+    return status
 
 
-def write_report(out: Path, stem: str, report: dict[str, Any], text: str) -> None:
-    """Every benchmark leaves the same pair, ``stem.json`` and ``stem.md``, and prints the markdown."""
-    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / f"{stem}.md", text)
-    print(text)
+def relinked(markdown: str, folder: str) -> str:
+    """A part's markdown with its relative links pointing into its folder (the report sits one level up)."""
+    return re.sub(r"\]\((?!https?:|/|#)([^)]+)\)", lambda m: f"]({folder}/{m.group(1)})", markdown)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any], out: Path) -> str:
     lines = [
-        f"# Benchmarks ({report['machine']}, torch {report['torch']}, {report['threads']} threads, {report['date']})",
+        "# FreeSOLO-Deploy benchmarks",
         "",
-        "## PyTorch eager inference, batch 1 (network + post-processing)",
+        f"{summary['machine']}; commit {summary['commit']}; {summary['date']}; "
+        f"{'quick (reduced) form' if summary['quick'] else 'full form'}; {summary['total_s'] / 60:.1f} min in all; "
+        f"1-minute load average {summary['load_average_start']:.1f} at the start, "
+        f"{summary['load_average_end']:.1f} at the end.",
         "",
-        "| preset | input | median ms | p90 ms | images/s |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['preset']} | {r['input']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['images_per_s']:.2f} |"
-        for r in report["models"]
-    ]
-    lines += [
+        "## Headline numbers",
         "",
-        f"## Matrix NMS reference ({NMS_MASK_SIDE}x{NMS_MASK_SIDE} masks, IoU matrix included)",
+        "| what | measured | where |",
+        "|---|---|---|",
+        *(f"| {row['what']} | {row['value']} | {row['part']} |" for row in summary["headlines"]),
         "",
-        "| N | median ms | p90 ms |",
+        "## Parts",
+        "",
+        "| part | result | time |",
         "|---|---|---|",
     ]
-    lines += [f"| {r['n']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |" for r in report["matrix_nms"]]
-    return "\n".join(lines) + "\n"
+    for name, status in summary["parts"].items():
+        result = "ok" if status["ok"] else f"FAILED: {status['error']}"
+        lines.append(f"| [{name}](#{name}) | {result} | {status['seconds']:.0f} s |")
+    for part in PARTS:
+        report_md = out / part.name
+        files = sorted(report_md.glob("*.md")) if part.name in summary["parts"] else []
+        for file in files:
+            section = relinked(file.read_text(), part.name).replace("\n# ", "\n## ")
+            lines += ["", f'<a id="{part.name}"></a>', "", section]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def run_benchmarks(out: Path, names: list[str], quick: bool) -> int:
+    """Run the named parts (all when empty); 0 when every part finished, 1 otherwise."""
+    unknown = sorted(set(names) - set(PART_NAMES))
+    if unknown:
+        raise UserError(f"unknown benchmark part(s) {', '.join(unknown)}; choose from {', '.join(PART_NAMES)}")
+    chosen = [part for part in PARTS if not names or part.name in names]
+    started = time.perf_counter()
+    summary: dict[str, Any] = {
+        "machine": machine(),
+        "commit": git_commit(),
+        "date": utc_now(),
+        "quick": quick,
+        "load_average_start": os.getloadavg()[0],
+        "parts": {},
+    }
+    for part in chosen:
+        summary["parts"][part.name] = run_part(part, out, quick)
+    summary["total_s"] = round(time.perf_counter() - started, 1)
+    summary["load_average_end"] = os.getloadavg()[0]
+    # each part keeps its full report in its own folder; report.json holds the headline numbers and the statuses
+    reports = {name: status.pop("report") for name, status in summary["parts"].items() if status["ok"]}
+    summary["headlines"] = headline_rows(reports)
+    write_report(out, "report", summary, markdown(summary, out))
+    return 0 if all(status["ok"] for status in summary["parts"].values()) else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("parts", nargs="*", metavar="PART", help=f"parts to run (default all): {', '.join(PART_NAMES)}")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder (default runs/bench)")
+    parser.add_argument("--quick", action="store_true", help="the reduced form CI runs (seconds per part)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder (default runs/bench)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per case (default 10)")
-    args = parser.parse_args(argv)
-    report = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "models": [model_latency(preset, size, args.repeats) for preset, size in MODEL_CASES],
-        "matrix_nms": [nms_latency(n, args.repeats) for n in NMS_SIZES],
-    }
-    write_report(args.out, "bench", report, markdown(report))
-    return 0
+    """``python -m benchmarks.run ...`` is ``freesolo bench ...``."""
+    return freesolo(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ ensemble (pip-bundled tritonserver, python backend running ONNX Runtime) against
 decode + preprocess (``serving.imaging``), the same ONNX model in an ORT session with the same options, postprocess
 to COCO RLE (``serving.detections``) and the client's conversion to detections (``serving.client_results``).
 
-- The model: ``--checkpoint`` (default the report's supervised tiny model when present, else the tiny preset's random
-  weights), exported with ``freesolo export onnx`` to a temporary folder, served at its own fixed size.
+- The model: ``--checkpoint`` (default the trained bench model of ``benchmarks.bench_model``; ``--quick``: the tiny
+  preset's random weights), exported with ``freesolo export onnx`` (cached, ``benchmarks.serving_setup``), served at
+  128 x 128.
 - One server per ``--queue-delays`` value (the dynamic batcher's wait on the model and postprocess steps; 0,
   ``serve prepare``'s default, is the right setting for batch-1 latency; 2000 us is a throughput setting).
 - Every call is timed in turns: per round, each image goes through every path in a shuffled order, after
@@ -20,57 +21,33 @@ Writes OUT/serving_latency.json and OUT/serving_latency.md and prints the table.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
-import skimage.data
 import tritonclient.grpc as grpcclient
-from PIL import Image
 
-from benchmarks.run import cpu_name, write_report
+from benchmarks.bench_model import ensure_bench_model
+from benchmarks.reporting import latency_summary, machine, utc_now, write_report
+from benchmarks.serving_setup import cached_export, free_ports, photographs
 from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
 from serving.client import FreeSOLOClient
 from serving.client_results import Detection, ModelInfo, response_detections
 from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
 from serving.detections import image_outputs
 from serving.imaging import InputPolicy, decode_image, prepare_image
-from serving.launcher import Ports, ServerState, start_server, stop_server
+from serving.launcher import ServerState, start_server, stop_server
 from serving.repository import Settings, prepare_repository, read_model
-from training.cli import main as freesolo
 
-REPORT_MODEL = Path("runs/freesolo_report/supervised/model.pt")
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TARGET = 0.15
 IN_PROCESS = "in_process"
-
-
-def photographs() -> dict[str, bytes]:
-    """skimage's photographs as JPEG (quality 90), what a client would typically send."""
-    encoded = {}
-    for name in PHOTOS:
-        buffer = io.BytesIO()
-        Image.fromarray(getattr(skimage.data, name)()).save(buffer, "JPEG", quality=90)
-        encoded[name] = buffer.getvalue()
-    return encoded
-
-
-def export_model(checkpoint: Path | None, folder: Path) -> Path:
-    out = folder / "model.onnx"
-    source = ["--checkpoint", str(checkpoint)] if checkpoint else ["--preset", "tiny"]
-    if freesolo(["export", "onnx", *source, "--out", str(out)]) != 0:
-        raise SystemExit("export failed")
-    return out
 
 
 class InProcess:
@@ -92,16 +69,6 @@ class InProcess:
             int(outputs["num_dets"][0]), outputs["scores"][0], outputs["labels"][0], outputs["masks"][0], geometry
         )
         return response_detections({name: array[None] for name, array in item.items()}, self.info)[0]
-
-
-def free_ports() -> Ports:
-    sockets = [socket.socket() for _ in range(3)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return Ports(*ports)
 
 
 def step_statistics(url: str) -> dict[str, dict[str, float]]:
@@ -129,15 +96,6 @@ def per_step_ms(before: dict, after: dict) -> dict[str, dict[str, float]]:
             for part in ("success", "queue", "compute_input", "compute_infer", "compute_output")
         }
     return table
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median_ms": round(statistics.median(ordered), 3),
-        "p90_ms": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
-        "runs": len(ordered),
-    }
 
 
 def measure(
@@ -178,9 +136,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(paths),
     ]
     for image, row in report["images"].items():
-        cells = [f"{row[p]['median_ms']:.1f} ({row[p]['p90_ms']:.1f})" for p in paths]
+        cells = [f"{row[p]['p50_ms']:.1f} ({row[p]['p90_ms']:.1f})" for p in paths]
         lines.append(f"| {image} | {row['size']} | " + " | ".join(cells) + " |")
-    cells = [f"**{report['overall'][p]['median_ms']:.1f}** ({report['overall'][p]['p90_ms']:.1f})" for p in paths]
+    cells = [f"**{report['overall'][p]['p50_ms']:.1f}** ({report['overall'][p]['p90_ms']:.1f})" for p in paths]
     lines.append("| all | | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -208,35 +166,36 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/serving"), help="report folder")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=REPORT_MODEL if REPORT_MODEL.is_file() else None,
-        help=f"model.pt to export (default {REPORT_MODEL} when present, else the tiny preset's random weights)",
-    )
-    parser.add_argument("--rounds", type=int, default=40, help="timed rounds over the images (40)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (3)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads, both sides (1)")
-    parser.add_argument("--queue-delays", default="0,2000", help="one server per dynamic-batching delay in us (0,2000)")
-    args = parser.parse_args(argv)
-    delays = [int(value) for value in args.queue_delays.split(",") if value.strip()]
+def run(
+    out: Path,
+    quick: bool = False,
+    checkpoint: Path | None = None,
+    rounds: int | None = None,
+    warmup: int | None = None,
+    threads: int = 1,
+    delays: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Measure and write OUT/serving_latency.{json,md}. Defaults: the trained bench model, 20 rounds after 3,
+    queue delays 0 and 2000 us; quick: the tiny preset's random weights, 3 rounds after 1, delay 0 only."""
+    if checkpoint is None and not quick:
+        checkpoint = ensure_bench_model().checkpoint
+    rounds = rounds or (3 if quick else 20)
+    warmup = warmup or (1 if quick else 3)
+    delays = delays or ((0,) if quick else (0, 2000))
     images = photographs()
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "onnxruntime": ort.__version__,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "model": str(args.checkpoint) if args.checkpoint else "tiny preset, random weights",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": threads,
+        "rounds": rounds,
+        "warmup": warmup,
+        "model": str(checkpoint) if checkpoint else "tiny preset, random weights",
+        "date": utc_now(),
         "load_average_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory(prefix="freesolo-serving-bench-") as folder:
-        onnx_path = export_model(args.checkpoint, Path(folder))
+        onnx_path = cached_export("tiny", 128, 128, checkpoint)
         served = read_model(onnx_path)
         report["input"] = f"{served.height}x{served.width}"
         servers: dict[str, ServerState] = {}
@@ -244,18 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for delay in delays:
                 repo = Path(folder) / f"repo_{delay}"
-                settings = Settings(threads=args.threads, queue_delay_us=delay, python_env=sys.prefix)
+                settings = Settings(threads=threads, queue_delay_us=delay, python_env=sys.prefix)
                 prepare_repository(onnx_path, repo, settings)
                 name = f"triton_delay_{delay}us"
                 servers[name] = start_server(repo, ports=free_ports(), log=lambda text: print(text, file=sys.stderr))
                 clients[name] = FreeSOLOClient(servers[name].grpc_url, retries=0)
             first = next(iter(clients.values()))
-            local = InProcess(onnx_path, args.threads, first.info())
+            local = InProcess(onnx_path, threads, first.info())
             paths: dict[str, Callable[[bytes], list[Detection]]] = {IN_PROCESS: local}
             for name, client in clients.items():
                 paths[name] = lambda data, client=client: client.predict([data])[0]
             before = {name: step_statistics(state.grpc_url) for name, state in servers.items()}
-            samples, identical = measure(paths, images, args.rounds, args.warmup)
+            samples, identical = measure(paths, images, rounds, warmup)
             after = {name: step_statistics(state.grpc_url) for name, state in servers.items()}
         finally:
             for client in clients.values():
@@ -265,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {name: "x".join(str(v) for v in decode_image(data).shape[:2]) for name, data in images.items()}
     report["identical"] = identical
     report["images"] = {
-        image: {"size": sizes[image], **{path: summary(samples[path][image]) for path in samples}} for image in images
+        image: {"size": sizes[image], **{path: latency_summary(samples[path][image]) for path in samples}}
+        for image in images
     }
-    report["overall"] = {path: summary([v for values in samples[path].values() for v in values]) for path in samples}
-    base = report["overall"][IN_PROCESS]["median_ms"]
+    report["overall"] = {
+        path: latency_summary([v for values in samples[path].values() for v in values]) for path in samples
+    }
+    base = report["overall"][IN_PROCESS]["p50_ms"]
     report["overhead"] = {}
     for path in samples:
         if path == IN_PROCESS:
@@ -277,14 +239,29 @@ def main(argv: list[str] | None = None) -> int:
             t / i - 1 for image in images for t, i in zip(samples[path][image], samples[IN_PROCESS][image], strict=True)
         ]
         report["overhead"][path] = {
-            "overhead": round(report["overall"][path]["median_ms"] / base - 1, 4),
+            "overhead": round(report["overall"][path]["p50_ms"] / base - 1, 4),
             "paired_median": round(statistics.median(paired), 4),
-            "target_met": report["overall"][path]["median_ms"] / base - 1 <= TARGET,
+            "target_met": report["overall"][path]["p50_ms"] / base - 1 <= TARGET,
         }
     report["server_steps"] = {name: per_step_ms(before[name], after[name]) for name in before}
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["load_average_end"] = os.getloadavg()[0]
-    write_report(args.out, "serving_latency", report, markdown(report))
+    write_report(out, "serving_latency", report, markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/serving"), help="report folder")
+    parser.add_argument("--quick", action="store_true", help="random tiny weights, 3 rounds, delay 0 only")
+    parser.add_argument("--checkpoint", type=Path, help="model.pt to serve (default: the trained bench model)")
+    parser.add_argument("--rounds", type=int, help="timed rounds over the images (20; quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first (3; quick 1)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads, both sides (1)")
+    parser.add_argument("--queue-delays", help="one server per dynamic-batching delay in us (0,2000; quick 0)")
+    args = parser.parse_args(argv)
+    delays = tuple(int(v) for v in args.queue_delays.split(",") if v.strip()) if args.queue_delays else None
+    run(args.out, args.quick, args.checkpoint, args.rounds, args.warmup, args.threads, delays)
     return 0
 
 

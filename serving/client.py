@@ -42,6 +42,9 @@ RETRIED = "UNAVAILABLE"
 IN_USE = "currently in use"  # Triton's words when a region to unregister is still referenced by a request
 BATCH_ITEM = re.compile(r"\bimage (\d+) of \d+: ")  # preprocess's words for an image of a batch
 SINGLE_ITEM = re.compile(r"\bimage: ")  # ... and for the image of a batch of one
+# gRPC's words for a connection lost mid-call (the server went away), and for one that was never made
+DROPPED = re.compile(r"Stream removed|Socket closed|Connection reset|Broken pipe|GOAWAY", re.IGNORECASE)
+UNREACHED = re.compile(r"failed to connect", re.IGNORECASE)
 T = TypeVar("T")
 
 
@@ -105,6 +108,12 @@ class _Settings:
         if not isinstance(error, InferenceServerException):
             return ServingError(f"{what} at {self.url}: {type(error).__name__}: {error}")
         status, message = status_name(error), error.message() or str(error)
+        if status == RETRIED and DROPPED.search(message) and not UNREACHED.search(message):
+            text = (
+                f"the Triton server at {self.url} is unavailable: it dropped the connection during the request, so it "
+                f"stopped or crashed ({what}; {attempts} attempts): {message}"
+            )
+            return ServingError(text, status, message)
         if status == RETRIED:
             text = f"cannot reach the Triton server at {self.url} ({what}; {attempts} attempts): {message}"
             return ServingError(text, status, message)

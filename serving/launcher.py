@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.processes import is_running, start_time, stop_tree
+from serving.processes import command_line, is_running, orphans, signal_all, start_time, stop_tree, wait_gone
 from serving.server_binary import find_server, server_environment
 from training.errors import UserError
 
@@ -31,6 +32,8 @@ BUNDLED_HINT = (
     "the tritonserver bundled with nvidia-pytriton has only the python backend: prepare the repository with "
     "--backend python, or run a full Triton install (--tritonserver PATH, or tritonserver on PATH)"
 )
+SHM_DIR = Path("/dev/shm")
+STUB_REGION = re.compile(r"triton_python_backend_shm_region_[\w-]+")  # a stub's region, by its argument
 LOG_PREFIX = re.compile(r"^[IWE]\d{4} [\d:.]+\s+\d+ \S+\] ")
 LIBPROTOBUF_PREFIX = re.compile(r"^\[libprotobuf ERROR [^\]]*\] ")
 ERROR_LINE = re.compile(r"^(E\d{4} |\[libprotobuf ERROR|error: )")
@@ -83,13 +86,33 @@ def read_state(repo: Path) -> ServerState | None:
         return None
 
 
-def running_state(repo: Path) -> ServerState | None:
-    """The recorded server if it still runs; a stale state file is removed."""
+def running_state(repo: Path, log: Callable[[str], None] | None = None) -> ServerState | None:
+    """The recorded server if it still runs; a stale state file is removed, and what its dead server left behind
+    is cleaned up."""
     state = read_state(repo)
     if state is not None and not is_running(state.pid, state.started):
+        left = clean_up_after(state.pid)
+        if left and log is not None:
+            log(f"the server pid {state.pid} died without stopping; stopped what it left: {left}")
         (repo / STATE_FILE).unlink(missing_ok=True)
         return None
     return state
+
+
+def clean_up_after(pid: int) -> str:
+    """A server that died without stopping (SIGKILL, the OOM killer) leaves python-backend stubs that may never exit
+    (they ignore SIGTERM) and their shared-memory regions in /dev/shm: SIGKILL those, unlink these. Says what it did
+    ("" when nothing was left)."""
+    stubs = {stub for stub in orphans(pid) if is_running(stub)}  # a zombie holds nothing
+    if not stubs:
+        return ""
+    regions = {arg for stub in stubs for arg in command_line(stub) if STUB_REGION.fullmatch(arg)}
+    signal_all(stubs, signal.SIGKILL)
+    survivors = wait_gone(stubs, 5.0)
+    for name in regions:
+        (SHM_DIR / name).unlink(missing_ok=True)
+    done = f"{len(stubs) - len(survivors)} processes and {len(regions)} shared-memory regions"
+    return done + (f"; processes {sorted(survivors)} survived SIGKILL" if survivors else "")
 
 
 def check_repository(repo: Path) -> None:
@@ -187,7 +210,7 @@ def start_server(
     what was started and raise UserError with the server's own words."""
     repo = repo.resolve()
     check_repository(repo)
-    running = running_state(repo)
+    running = running_state(repo, log)
     if running is not None:
         raise UserError(f"a server already runs on {repo} (pid {running.pid}); `freesolo serve stop --repo {repo}`")
     named = {"http": ports.http, "grpc": ports.grpc} | ({"metrics": ports.metrics} if ports.metrics else {})

@@ -63,6 +63,22 @@ def family(pid: int) -> set[int]:
     return (found | group) - {pid}
 
 
+def orphans(pid: int) -> set[int]:
+    """What a dead process-group leader ``pid`` left running: its group's members (a server killed by SIGKILL or
+    the OOM killer leaves its stubs behind). Empty while ``pid`` runs: Linux gives out no pid that still names a
+    process group, so a live ``pid`` is either the leader itself or a new process whose old group is empty."""
+    fields = stat_fields(pid)
+    return family(pid) if fields is None or fields[0] in ("Z", "X") else set()
+
+
+def command_line(pid: int) -> list[str]:
+    """The arguments ``pid`` was started with (empty when it is gone)."""
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+
+
 def signal_all(pids: set[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):

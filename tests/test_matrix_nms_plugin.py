@@ -31,10 +31,11 @@ from triton_plugins.matrix_nms import (
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
     SOURCE_DIR,
+    host_build,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = SOURCE_DIR / "cuda"
+CUDA_DIR = host_build.CUDA_DIR
 PLUGIN_DIR = SOURCE_DIR / "plugin"
 ATOL = 1e-5
 
@@ -211,47 +212,24 @@ def test_triton_kernels_compile_for_sm90(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.fixture(scope="module")
 def host_library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     """cuda/matrix_nms_host.cpp (the kernels' thread bodies, run block by block) as a shared library."""
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    compiler = host_build.find_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler")
-    library = tmp_path_factory.mktemp("matrix_nms_host") / "libmatrix_nms_host.so"
-    command = [compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
-    command += ["-I", str(CUDA_DIR), str(CUDA_DIR / "matrix_nms_host.cpp"), "-o", str(library)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lib = ctypes.CDLL(str(library))
-    lib.freesolo_matrix_nms_host.argtypes = [ctypes.c_void_p] * 5 + [
-        ctypes.c_int32,
-        ctypes.c_int32,
-        ctypes.c_int64,
-        ctypes.c_int32,
-        ctypes.c_float,
-    ]
-    lib.freesolo_matrix_nms_host.restype = ctypes.c_int
-    return lib
-
-
-def run_host(lib: ctypes.CDLL, inputs: dict[str, np.ndarray], kernel: str, sigma: float) -> tuple[int, np.ndarray]:
-    """Calls freesolo_matrix_nms_host; returns its status and the decayed scores."""
-    batch, n, height, width = inputs["masks"].shape
-    arrays = [np.ascontiguousarray(inputs[key]) for key in ("masks", "labels", "scores", "areas")]
-    out = np.full((batch, n), np.nan, dtype=np.float32)
-    pointers = [array.ctypes.data_as(ctypes.c_void_p) for array in [*arrays, out]]
-    kernel_type = {"gaussian": 0, "linear": 1}.get(kernel, 7)
-    status = lib.freesolo_matrix_nms_host(*pointers, batch, n, height * width, kernel_type, sigma)
-    return status, out
+    return host_build.load_host_library(
+        host_build.build_host_library(tmp_path_factory.mktemp("matrix_nms_host"), compiler)
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cuda_math_host_build_matches_reference(case: Case, host_library: ctypes.CDLL) -> None:
     inputs = make_inputs(case)
-    status, decayed = run_host(host_library, inputs, case.kernel, case.sigma)
+    status, decayed = host_build.run_host(host_library, inputs, case.kernel, case.sigma)
     assert status == 0
     check_against_reference(case, inputs, decayed)
 
 
 def test_cuda_math_host_build_rejects_unknown_kernel(host_library: ctypes.CDLL) -> None:
-    status, decayed = run_host(host_library, make_inputs(Case("small", 4, "gaussian")), "box", 2.0)
+    status, decayed = host_build.run_host(host_library, make_inputs(Case("small", 4, "gaussian")), "box", 2.0)
     assert status == 1
     assert np.isnan(decayed).all()  # nothing written
 

@@ -6,8 +6,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from training.checkpoint import load_checkpoint
 from training.cli import main
@@ -16,6 +18,7 @@ from training.data.batching import Sample, collate
 from training.data.coco import CocoInstances, ResizePolicy
 from training.models import SOLOv2
 from training.results import ImageGeometry
+from training.selftrain import uncovered
 from training.solo_training import weak_model_config
 from training.weak import WeakStrongViews, collate_views, copy_paste, random_erase, weak_loss
 
@@ -181,6 +184,45 @@ def test_train_weak_then_selftrain(synth_data: Path, coarse: Path, tmp_path: Pat
     per_image = [sum(a["image_id"] == image["id"] for a in pseudo["annotations"]) for image in pseudo["images"]]
     assert max(per_image) <= 20
     assert (out / "model.pt").is_file() and (out / "round1" / "model.pt").is_file()
+
+    # with --coarse and no confident prediction (threshold above 1), the round keeps exactly the coarse masks
+    kept = tmp_path / "selftrain-keep"
+    keep = ["selftrain", "--checkpoint", str(run / "model.pt"), "--images", str(synth_data / "train")]
+    keep += ["--out", str(kept), "--coarse", str(coarse), "--iters", "1", "--set", "weak.selftrain_score_thr=1.01"]
+    assert main([*keep, "--no-progress"]) == 0
+    labels = json.loads((kept / "round1" / "pseudo.json").read_text())
+    assert labels["info"]["kept_from"] == str(coarse)
+    assert masks_by_file(labels) == masks_by_file(json.loads(coarse.read_text()))
+
+
+def masks_by_file(document: dict) -> dict[str, list[str]]:
+    """Each image's RLE mask strings, sorted: two jsons hold the same masks when these are equal."""
+    names = {image["id"]: image["file_name"] for image in document["images"]}
+    grouped: dict[str, list[str]] = {name: [] for name in names.values()}
+    for ann in document["annotations"]:
+        grouped[names[ann["image_id"]]].append(ann["segmentation"]["counts"])
+    return {name: sorted(counts) for name, counts in grouped.items()}
+
+
+def rle_square(top: int, left: int, side: int) -> dict:
+    canvas = np.zeros((64, 64), dtype=np.uint8, order="F")
+    canvas[top : top + side, left : left + side] = 1
+    rle = mask_utils.encode(canvas)
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def test_uncovered_keeps_the_coarse_masks_no_pseudo_label_covers() -> None:
+    coarse = [
+        {"id": 7, "image_id": 3, "segmentation": rle_square(0, 0, 10), "score": 0.5},  # covered: IoU 0.68
+        {"id": 8, "image_id": 3, "segmentation": rle_square(20, 20, 10), "score": 0.4},  # overlapped, IoU 0.33
+        {"id": 9, "image_id": 3, "segmentation": rle_square(40, 40, 10), "score": 0.3},  # untouched
+    ]
+    pseudo = [{"segmentation": rle_square(1, 1, 10)}, {"segmentation": rle_square(25, 20, 10)}]
+    kept = uncovered(coarse, pseudo)
+    assert [ann["score"] for ann in kept] == [0.4, 0.3]
+    assert all("id" not in ann and "image_id" not in ann for ann in kept)  # merge() numbers them afresh
+    assert [ann["score"] for ann in uncovered(coarse, [])] == [0.5, 0.4, 0.3]
+    assert uncovered([], pseudo) == []
 
 
 def test_weak_training_under_torchrun(

@@ -10,7 +10,7 @@ from typing import Any
 
 from training.config import Config, apply_overrides, available_presets, config_from_dict, load_preset
 from training.data.coco import CocoInstances, ImageFolder
-from training.data.images import IMAGE_SUFFIXES, list_images, read_rgb
+from training.data.images import IMAGE_SUFFIXES, expand_images, list_images, read_rgb
 from training.errors import UserError
 from training.export_backbone import register as register_export_backbone
 from training.fileio import atomic_write_text
@@ -206,13 +206,17 @@ def _register_selftrain(commands: ArgumentGroup) -> None:
         help="self-training: retrain on the model's own confident predictions",
         description="Self-training (FreeSOLO): predict on the unlabeled images, keep detections with score >= "
         "weak.selftrain_score_thr (0.3; at most weak.selftrain_max_per_img = 20 per image) as coarse masks with the "
-        "teacher's embeddings, and train a weak-mode model on them, initialised from the teacher. Writes "
+        "teacher's embeddings, plus (with --coarse and weak.selftrain_keep_coarse, the default) the coarse masks no "
+        "pseudo-label covers, and train a weak-mode model on them, initialised from the teacher. Writes "
         "RUN/round<r>/ (pseudo.json and a run directory) for each round and RUN/model.pt (the last round's model). "
         "Finished steps are skipped, so an interrupted run resumes.",
     )
     selftrain.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="the teacher (weak model)")
     selftrain.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of unlabeled images")
     selftrain.add_argument("--out", type=Path, required=True, metavar="RUN", help="output folder")
+    selftrain.add_argument(
+        "--coarse", type=Path, metavar="JSON", help="the coarse masks the teacher trained on (Free Mask's json)"
+    )
     selftrain.add_argument("--rounds", type=positive_int, default=1, metavar="N", help="rounds (default 1)")
     selftrain.add_argument("--iters", type=positive_int, metavar="N", help="training iterations of each round")
     selftrain.add_argument(
@@ -226,7 +230,11 @@ def run_selftrain(args: argparse.Namespace) -> int:
     from training.selftrain import self_train
 
     overrides = args.set + ([f"weak.solver.iters={args.iters}"] if args.iters else [])
-    model = self_train(args.checkpoint, args.images, args.out, args.rounds, overrides, not args.no_progress)
+    if args.coarse is not None and not args.coarse.is_file():
+        raise UserError(f"coarse json not found: {args.coarse}")
+    model = self_train(
+        args.checkpoint, args.images, args.out, args.rounds, overrides, not args.no_progress, args.coarse
+    )
     print(f"model: {model}")
     return 0
 
@@ -319,19 +327,6 @@ def _register_predict(commands: ArgumentGroup) -> None:
         "--vis-thr", type=float, default=0.3, metavar="T", help="draw detections with score >= T (default 0.3)"
     )
     predict.set_defaults(handler=run_predict)
-
-
-def expand_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to their images; a missing path is an error naming it."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += list_images(path)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"image not found: {path}")
-    return files
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -23,5 +23,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` that a writer killed mid-write left behind (SIGKILL skips the cleanup
+    above); only for a file no other process is writing."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

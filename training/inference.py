@@ -54,7 +54,13 @@ class Predictor:
 
     def batch_results(self, batch: Batch, with_embeddings: bool = False) -> list[list[dict[str, Any]]]:
         """COCO results of every image of a batch, at the original image sizes."""
-        dets, embeddings = self.detections(batch.images, with_embeddings)
+        return self.contract_results(batch, *self.detections(batch.images, with_embeddings))
+
+    def contract_results(
+        self, batch: Batch, dets: Detections, embeddings: torch.Tensor | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """COCO results of every image of a batch from its detections (kept apart from the network so that one
+        forward pass can be post-processed several ways, as the NMS benchmark does)."""
         return [
             image_results(
                 int(dets.num_dets[i]),
@@ -69,6 +75,15 @@ class Predictor:
             for i in range(len(batch.image_ids))
         ]
 
+    def loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """Batches of a dataset in order, padded to the model's size divisor."""
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=lambda s: collate(s, self.config.input.size_divisor),
+        )
+
     def iterate(
         self,
         dataset: Dataset,
@@ -78,13 +93,9 @@ class Predictor:
         with_embeddings: bool = False,
     ) -> Iterator[tuple[Batch, list[list[dict[str, Any]]]]]:
         """Batches of a dataset with their results, with a progress bar."""
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            collate_fn=lambda s: collate(s, self.config.input.size_divisor),
-        )
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(
+            self.loader(dataset, batch_size), desc=desc, unit="batch", disable=not progress, dynamic_ncols=True
+        ):
             yield batch, self.batch_results(batch, with_embeddings)
 
     def dataset_results(

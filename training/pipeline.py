@@ -85,7 +85,7 @@ def run_stages(
             init=paths.backbone,
             progress=progress,
         )
-    self_train(paths.weak.model, images, paths.selftrain, rounds, overrides, progress)
+    self_train(paths.weak.model, images, paths.selftrain, rounds, overrides, progress, paths.coarse_train)
 
 
 def evaluate_stages(

@@ -2,7 +2,9 @@
 
 Round r predicts on the unlabeled images with the current teacher, keeps detections with score >= 0.3 (at most 20
 per image) as pseudo-labels, each with the teacher's embedding at the detection's grid cell as its embedding target,
-and trains a weak-mode model on them, initialised from the teacher. Layout (every step skipped when done, so an
+and trains a weak-mode model on them, initialised from the teacher. With ``weak.selftrain_keep_coarse`` (default; not
+in the paper) the masks the teacher was trained on (round 1: the Free Mask json given as ``coarse``; round r: round
+r-1's labels) stay where no pseudo-label covers them (mask IoU < 0.5). Layout (every step skipped when done, so an
 interrupted run resumes):
 
     RUN/round1/pseudo.json, RUN/round1/{config.yaml, checkpoint.pt, model.pt, log.jsonl, loss_curve.png}
@@ -38,8 +40,35 @@ def pseudo_annotation(result: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def write_pseudo_labels(teacher: Path, images: Path, out: Path, config: Config, progress: bool = True) -> int:
-    """Predict on every image of ``images`` and write the confident detections as a coarse json; returns the count."""
+COVERED_IOU = 0.5  # a teacher's training mask this close to a pseudo-label is replaced by it
+
+
+def uncovered(previous: list[dict[str, Any]], pseudo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The annotations of ``previous`` (one image's) that overlap no pseudo-label by mask IoU >= COVERED_IOU, without
+    their ids (``merge`` assigns new ones)."""
+    if not previous:
+        return []
+    kept = [{k: v for k, v in ann.items() if k not in ("id", "image_id")} for ann in previous]
+    if not pseudo:
+        return kept
+    iou = mask_utils.iou([a["segmentation"] for a in kept], [p["segmentation"] for p in pseudo], [0] * len(pseudo))
+    return [ann for ann, row in zip(kept, iou, strict=True) if row.max() < COVERED_IOU]
+
+
+def annotations_by_file(document: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    names = {image["id"]: image["file_name"] for image in document["images"]}
+    grouped: dict[str, list[dict[str, Any]]] = {name: [] for name in names.values()}
+    for ann in document["annotations"]:
+        grouped[names[ann["image_id"]]].append(ann)
+    return grouped
+
+
+def write_pseudo_labels(
+    teacher: Path, images: Path, out: Path, config: Config, progress: bool = True, previous: Path | None = None
+) -> int:
+    """Predict on every image of ``images`` and write the confident detections as a coarse json, with the uncovered
+    annotations of the ``previous`` json (the teacher's training labels) when given; returns the count."""
+    kept_before = annotations_by_file(json.loads(previous.read_text())) if previous else {}
     predictor = Predictor.from_checkpoint(teacher)
     files = list_images(images)
     dataset = ImageFolder(files, predictor.test_policy)
@@ -48,19 +77,15 @@ def write_pseudo_labels(teacher: Path, images: Path, out: Path, config: Config, 
         for index, geometry, image_results in zip(batch.image_ids, batch.geometries, results, strict=True):
             confident = [r for r in image_results if r["score"] >= config.weak.selftrain_score_thr]
             confident = sorted(confident, key=lambda r: -r["score"])[: config.weak.selftrain_max_per_img]
-            records.append(
-                image_record(
-                    files[index].name,
-                    geometry.original_height,
-                    geometry.original_width,
-                    [pseudo_annotation(r) for r in confident],
-                )
-            )
+            labels = [pseudo_annotation(r) for r in confident]
+            labels += uncovered(kept_before.get(files[index].name, []), labels)
+            records.append(image_record(files[index].name, geometry.original_height, geometry.original_width, labels))
     info = {
         "generator": "freesolo selftrain",
         "teacher": str(teacher),
         "score_thr": config.weak.selftrain_score_thr,
         "max_per_img": config.weak.selftrain_max_per_img,
+        "kept_from": str(previous) if previous else None,
     }
     document = merge(records, info)
     atomic_write_text(out, json.dumps(document) + "\n")
@@ -75,21 +100,29 @@ def round_config(teacher: Path, overrides: list[str]) -> Config:
 
 
 def self_train(
-    checkpoint: Path, images: Path, out: Path, rounds: int, overrides: list[str], progress: bool = True
+    checkpoint: Path,
+    images: Path,
+    out: Path,
+    rounds: int,
+    overrides: list[str],
+    progress: bool = True,
+    coarse: Path | None = None,
 ) -> Path:
-    """Run ``rounds`` rounds of self-training from ``checkpoint``; returns RUN/model.pt."""
-    teacher = Path(checkpoint)
+    """Run ``rounds`` rounds of self-training from ``checkpoint`` (trained on ``coarse``, when known); returns
+    RUN/model.pt."""
+    teacher, labels = Path(checkpoint), coarse
     for round_index in range(1, rounds + 1):
         run = RunPaths(out / f"round{round_index}")
         config = round_config(teacher, overrides)
         pseudo = run.root / "pseudo.json"
         if not run.model.exists():
             if not pseudo.exists():
-                count = write_pseudo_labels(teacher, images, pseudo, config, progress)
-                print(f"round {round_index}: {count} pseudo-labels from {teacher}")
+                previous = labels if config.weak.selftrain_keep_coarse else None
+                count = write_pseudo_labels(teacher, images, pseudo, config, progress, previous)
+                print(f"round {round_index}: {count} labels from {teacher}" + (f" and {previous}" if previous else ""))
             state = resumable_state(run, resume=True)
             train_solo(images, pseudo, run, config, state, mode="weak", init=teacher, progress=progress)
-        teacher = run.model
+        teacher, labels = run.model, pseudo
     final = out / "model.pt"
     atomic_write(final, lambda tmp: shutil.copyfile(teacher, tmp))
     return final

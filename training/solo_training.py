@@ -10,6 +10,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from training.config import Config
 from training.data.coco import CocoInstances, ResizePolicy
 from training.engine.distributed import is_main_process
@@ -71,6 +73,7 @@ def train_solo(
     policy = ResizePolicy(tuple(config.input.train_sizes), config.input.max_size, config.input.hflip)
     dataset = CocoInstances(images, ann, policy, class_agnostic or mode == "weak")
     config, train_set, loss_fn, collate_fn = build_training(config, mode, dataset)
+    torch.manual_seed(config.seed)  # the initial weights, so a run is reproducible from its command line
     model = SOLOv2(config.model)
     if init is not None and state is None:
         say(load_initial_weights(model, init))

@@ -33,3 +33,16 @@ def list_images(folder: Path) -> list[Path]:
     if not files:
         raise UserError(f"no images in {folder} (looked for {' '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their images; a missing path is an error naming it."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += list_images(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"image not found: {path}")
+    return files

@@ -27,6 +27,7 @@ from training.engine.run_log import append_log, plot_losses, truncate_log
 from training.engine.sampler import TrainBatchSampler
 from training.engine.schedule import learning_rate
 from training.errors import UserError
+from training.fileio import remove_stale_temporaries
 
 LossFunction = Callable[[nn.Module, Any, int], dict[str, torch.Tensor]]  # (network, batch, iteration)
 
@@ -106,6 +107,8 @@ def train_loop(
         metadata = dict(state.get("metadata", metadata))
     if context.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
+        for path in (run.checkpoint, run.model):  # a run killed while saving leaves its temporary file
+            remove_stale_temporaries(path)
         save_config(config, run.config)
         truncate_log(run.log, start_iter)
     context.barrier()

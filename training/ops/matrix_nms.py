@@ -49,15 +49,21 @@ def matrix_nms(
     Returns:
         [..., N] decayed scores; the top mask keeps its score and scores never increase.
     """
+    flat = masks.flatten(-2).to(scores.dtype)
+    area = None if mask_area is None else mask_area.to(scores.dtype)
+    return matrix_nms_decay(pairwise_mask_iou(flat, area), labels, scores, kernel=kernel, sigma=sigma)
+
+
+def matrix_nms_decay(
+    iou: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, *, kernel: str = "gaussian", sigma: float = 2.0
+) -> torch.Tensor:
+    """The decay step alone, from the IoU matrix [..., N, N] of score-sorted masks: the part the SOLOv2 paper times
+    (500 masks in < 1 ms, IoU matrix excluded), split out so that benchmarks can time it on its own."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown Matrix NMS kernel '{kernel}' (use one of {KERNELS})")
     n = scores.shape[-1]
     if n == 0:
         return scores.clone()
-    flat = masks.flatten(-2).to(scores.dtype)
-    area = None if mask_area is None else mask_area.to(scores.dtype)
-    iou = pairwise_mask_iou(flat, area)
-
     same_label = labels.unsqueeze(-1) == labels.unsqueeze(-2)
     upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(diagonal=1)
     # decay_iou[i, j]: overlap of mask j (lower score) with mask i (higher score), same label only.

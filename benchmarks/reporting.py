@@ -1,0 +1,60 @@
+"""What every benchmark report shares: the machine it ran on, latency percentiles, and the json + markdown pair."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from training.fileio import atomic_write_text
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming the machine, for the head of every report."""
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of an ascending list (what perf_analyzer reports)."""
+    return ordered[min(len(ordered), max(1, math.ceil(fraction * len(ordered)))) - 1]
+
+
+def latency_summary(samples_ms: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99 and mean of latencies in milliseconds; an empty list gives zeros and runs 0."""
+    if not samples_ms:
+        return {"runs": 0, "p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0}
+    ordered = sorted(samples_ms)
+    return {
+        "runs": len(ordered),
+        "p50_ms": round(statistics.median(ordered), 3),
+        "p90_ms": round(percentile(ordered, 0.90), 3),
+        "p99_ms": round(percentile(ordered, 0.99), 3),
+        "mean_ms": round(statistics.fmean(ordered), 3),
+    }
+
+
+def write_report(out: Path, stem: str, report: dict[str, Any], text: str) -> None:
+    """Every benchmark leaves the same pair, ``stem.json`` and ``stem.md``, and prints the markdown."""
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", text)
+    print(text)
