@@ -6,7 +6,7 @@ overlays of the coarse masks beside the final predictions; then the final model 
 inside), served by the real Triton Inference Server (python backend, 127.0.0.1 only) and queried over gRPC with
 `freesolo infer` on held-out images; last, runs/demo/report.md puts the stage table, PyTorch-vs-ONNX parity, a
 latency table of the three runtimes and the pictures on one page. The schedules are shortened from the tiny preset's
-so the demo fits in about 18 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
+so the demo fits in about 11 minutes on 2 cores; every finished stage is skipped, so an interrupted demo resumes.
 """
 
 from __future__ import annotations

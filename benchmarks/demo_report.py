@@ -78,9 +78,10 @@ def latency_plot(latency: dict[str, dict[str, float]], out: Path) -> None:
     names = list(latency)
     axes.bar(names, [latency[n]["p50_ms"] for n in names], color=["#4c72b0", "#55a868", "#c44e52"])
     axes.scatter(names, [latency[n]["p90_ms"] for n in names], color="black", marker="_", s=400, label="p90")
+    axes.set_ylim(0, 1.25 * max(latency[n]["p90_ms"] for n in names))  # room for the legend above the marks
     axes.set_ylabel("ms per image (p50 bar)")
     axes.set_title("final model, file to COCO results, batch 1")
-    axes.legend()
+    axes.legend(loc="upper right")
     figure.tight_layout()
     atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
