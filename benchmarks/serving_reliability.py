@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -127,6 +128,12 @@ def cli(*args: str) -> tuple[int, str, float]:
     return code, printed.getvalue(), round(time.perf_counter() - started, 2)
 
 
+def without_paths(line: str) -> str:
+    """A line the CLI printed with the machine's folders (binary, temporary repository) reduced to file names, so a
+    report can be published."""
+    return re.sub(r"(?<![\w.])/(?:[^\s/():,]+/)+([^\s/():,]+)", r"\1", line)
+
+
 def kill_and_restart(
     repo: Path, images: Sequence[bytes], clients: int = KILL_CLIENTS, timeout_s: float = KILL_TIMEOUT_S
 ) -> dict:
@@ -165,7 +172,7 @@ def kill_and_restart(
         "stub_regions_left_by_kill": len(regions_left),
         "restart_exit_code": code,
         "restart_s": restart_s,
-        "restart_output": printed.strip().splitlines(),
+        "restart_output": [without_paths(line) for line in printed.strip().splitlines()],
         "stale_stubs_running_after_restart": sorted(p for p in left_by_kill if is_running(p)),
         "stale_regions_after_restart": sorted(r for r in regions_left if (SHM_DIR / r).exists()),
         "images": len(images),
