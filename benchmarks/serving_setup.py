@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from pathlib import Path
 import skimage.data
 from PIL import Image
 
-from serving.launcher import Ports, ServerState, start_server, stop_server
+from serving.launcher import Ports, ServerState, loopback_ports, start_server, stop_server
 from serving.repository import Settings, prepare_repository
 from training.cli import main as freesolo
 
@@ -40,14 +39,8 @@ def photographs() -> dict[str, bytes]:
 
 
 def free_ports() -> Ports:
-    """HTTP, gRPC and metrics ports the OS has just handed out on loopback (held together so that they differ)."""
-    sockets = [socket.socket() for _ in range(3)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return Ports(*ports)
+    """HTTP, gRPC and metrics ports the OS has just handed out on loopback."""
+    return Ports(*loopback_ports(3))
 
 
 def export_model(

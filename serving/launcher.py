@@ -79,6 +79,18 @@ class ServerState:
         return f"{self.probe_host}:{self.grpc_port}"
 
 
+def loopback_ports(count: int) -> list[int]:
+    """Ports the OS has just handed out on loopback (held together so that they differ): for servers started next
+    to others (tests, benchmarks, the demo)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind((LOOPBACK, 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def read_state(repo: Path) -> ServerState | None:
     try:
         return ServerState(**json.loads((repo / STATE_FILE).read_text()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ import pytest
 import skimage.data
 import torch
 
-from serving.launcher import ServerState, read_state
+from serving.launcher import ServerState, loopback_ports, read_state
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import main
 from training.config import load_preset
@@ -89,17 +88,6 @@ def pictures(synth_data: Path) -> list[np.ndarray]:
     """Four synthetic val scenes (128 px) and three photographs (512 x 512, 400 x 600, 300 x 451)."""
     synthetic = [read_rgb(p) for p in sorted((synth_data / "val").iterdir())]
     return [*synthetic, skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
-
-
-def loopback_ports(count: int) -> list[int]:
-    """Ports the OS has just handed out on loopback (held together so that they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")
