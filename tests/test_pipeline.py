@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 import training.pipeline as pipeline
+from benchmarks.freesolo_report import holdout_rows
 from training.cli import main
+from training.evaluate import load_ground_truth
+from training.report import STAGE_KEYS
 
 FEW_ITERATIONS = [
     "--set",
@@ -76,6 +79,12 @@ def test_pipeline_crash_resume_and_report(
     assert "| freemask |" in (out / "report.md").read_text() and (out / "overlays.png").stat().st_size > 1000
     assert "| selftrain1 |" in capsys.readouterr().out
     assert (out / "selftrain" / "model.pt").is_file()
+
+    # The results report's held-out rows, given the pipeline's own evaluation set, measure its models alike.
+    rows = holdout_rows(out, None, synth_data, load_ground_truth(synth_data / "val.json"))
+    assert [row["name"] for row in rows] == ["freemask", "weak", "selftrain1"]
+    assert rows[1:] == report["stages"][1:]
+    assert (out / "freemask" / "holdout.json").is_file() and all(0.0 <= rows[0][key] <= 1.0 for key in STAGE_KEYS)
 
 
 def test_eval_arguments_go_together(synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,19 +88,29 @@ def run_stages(
     self_train(paths.weak.model, images, paths.selftrain, rounds, overrides, progress, paths.coarse_train)
 
 
+def stage_results(
+    paths: PipelinePaths, rounds: int, coarse_file: Path, eval_images: Path, eval_ann: Path, progress: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """COCO results of every stage on an evaluation set, keyed by stage name: the coarse masks of its images
+    (coarse_file, a Free Mask json of eval_images), weak training and every self-training round."""
+    ground_truth = load_ground_truth(eval_ann)
+    results = {"freemask": coarse_on_ground_truth(json.loads(coarse_file.read_text()), ground_truth)}
+    models = {"weak": paths.weak.model}
+    models.update({f"selftrain{r}": paths.selftrain / f"round{r}" / "model.pt" for r in range(1, rounds + 1)})
+    for name, model in models.items():
+        results[name] = model_results(model, eval_images, eval_ann, progress)
+    return results
+
+
 def evaluate_stages(
     paths: PipelinePaths, rounds: int, eval_images: Path, eval_ann: Path, progress: bool
 ) -> list[dict[str, Any]]:
     """The report: Free Mask, weak training and every self-training round, on the evaluation set."""
     ground_truth = load_ground_truth(eval_ann)
-    coarse = coarse_on_ground_truth(json.loads(paths.coarse_eval.read_text()), ground_truth)
-    models = [("weak", paths.weak.model)] + [
-        (f"selftrain{r}", paths.selftrain / f"round{r}" / "model.pt") for r in range(1, rounds + 1)
-    ]
-    results = {name: model_results(model, eval_images, eval_ann, progress) for name, model in models}
-    stages = [stage_row("freemask", ground_truth, coarse)]
-    stages += [stage_row(name, ground_truth, found) for name, found in results.items()]
-    final = models[-1][0]
+    results = stage_results(paths, rounds, paths.coarse_eval, eval_images, eval_ann, progress)
+    stages = [stage_row(name, ground_truth, found) for name, found in results.items()]
+    coarse = results.pop("freemask")
+    final = list(results)[-1]
     files = sorted(eval_images / image["file_name"] for image in ground_truth.dataset["images"])[:OVERLAY_IMAGES]
     truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
     columns = [("ground truth (evaluation only)", truth), ("Free Mask (coarse)", coarse)]
