@@ -34,7 +34,6 @@ Quick mode (tests, CI): one export only, the trained model's, whose test size is
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -57,7 +56,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_model import BenchModel, ensure_bench_model
-from benchmarks.reporting import latency_summary, machine, utc_now, write_report
+from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
 from export.onnx_export import BF16_UNSUPPORTED, InputSize, build_onnx, default_input_size, preset_model
 from export.onnx_inputs import InputPolicy, OnnxModel, calibration_images
 from export.quantize import quantize_int8
@@ -420,9 +419,7 @@ def run(out: Path, quick: bool = False, model: BenchModel | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/latency"), help="report folder")
-    parser.add_argument("--quick", action="store_true", help="tiny at 64x64 only, few runs")
+    parser = part_parser(__doc__, Path("runs/bench/latency"), "tiny at 64x64 only, few runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every runtime")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -30,7 +30,6 @@ pycocotools scores each result set class-agnostically (``training.report.stage_r
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import sys
@@ -50,7 +49,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.bench_model import BenchModel, ensure_bench_model
-from benchmarks.reporting import latency_summary, machine, utc_now, write_report
+from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
 from training.data.coco import CocoInstances
 from training.evaluate import load_ground_truth
 from training.inference import Predictor
@@ -476,9 +475,7 @@ def run(out: Path, quick: bool = False, model: BenchModel | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/nms"), help="report folder")
-    parser.add_argument("--quick", action="store_true", help="N in {20, 50}, few runs (seconds, plus the AP part)")
+    parser = part_parser(__doc__, Path("runs/bench/nms"), "N in {20, 50}, few runs (seconds, plus the AP part)")
     args = parser.parse_args(argv)
     run(args.out, args.quick)
     return 0

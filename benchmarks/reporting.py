@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from training.fileio import atomic_write_text
+
+
+def part_parser(doc: str, default_out: Path, quick_help: str) -> argparse.ArgumentParser:
+    """The command line every benchmark part shares (--out, --quick), described by the first line of its docstring."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default_out, help=f"report folder (default {default_out})")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
 
 
 def cpu_name() -> str:

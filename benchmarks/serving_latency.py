@@ -20,7 +20,6 @@ Writes OUT/serving_latency.json and OUT/serving_latency.md and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -35,7 +34,7 @@ import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 
 from benchmarks.bench_model import ensure_bench_model
-from benchmarks.reporting import latency_summary, machine, utc_now, write_report
+from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, free_ports, photographs
 from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
 from serving.client import FreeSOLOClient
@@ -251,9 +250,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/serving"), help="report folder")
-    parser.add_argument("--quick", action="store_true", help="random tiny weights, 3 rounds, delay 0 only")
+    parser = part_parser(__doc__, Path("runs/bench/serving"), "random tiny weights, 3 rounds, delay 0 only")
     parser.add_argument("--checkpoint", type=Path, help="model.pt to serve (default: the trained bench model)")
     parser.add_argument("--rounds", type=int, help="timed rounds over the images (20; quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (3; quick 1)")

@@ -19,7 +19,6 @@ are compared, else the tiny preset's random weights; served at 128x128 by the pi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import Load, LoadResult, LoadSpec, generate
-from benchmarks.reporting import machine, utc_now, write_report
+from benchmarks.reporting import machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, free_ports, photographs, progress
 from serving.launcher import SHM_DIR, STUB_REGION, ServerState, read_state
 from serving.processes import PROC, command_line, family, is_running
@@ -269,9 +268,7 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder (runs/bench)")
-    parser.add_argument("--quick", action="store_true", help="a 5 s soak")
+    parser = part_parser(__doc__, Path("runs/bench"), "a 5 s soak")
     args = parser.parse_args(argv)
     run(args.out, args.quick)
     return 0

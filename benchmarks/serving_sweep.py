@@ -14,7 +14,6 @@ points send no further warm-up, so a point's window includes its clients' connec
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadResult, LoadSpec, generate, progress_line, sweep, table
-from benchmarks.reporting import machine, utc_now, write_report
+from benchmarks.reporting import machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, photographs, progress, serving
 from serving.repository import Settings
 
@@ -170,9 +169,7 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder (runs/bench)")
-    parser.add_argument("--quick", action="store_true", help="tiny at 128x128, concurrency 1 and 4, 1 s points")
+    parser = part_parser(__doc__, Path("runs/bench"), "tiny at 128x128, concurrency 1 and 4, 1 s points")
     args = parser.parse_args(argv)
     run(args.out, args.quick)
     return 0

@@ -20,7 +20,6 @@ Writes OUT/training_reliability.json, .md and .png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -41,7 +40,7 @@ import matplotlib.pyplot as plt
 import torch
 import torchvision
 
-from benchmarks.reporting import machine, utc_now, write_report
+from benchmarks.reporting import machine, part_parser, utc_now, write_report
 from training.checkpoint import load_checkpoint
 from training.cli import main as freesolo
 from training.engine.run_log import read_log
@@ -462,9 +461,7 @@ def run(out: Path, quick: bool = False, threads: int | None = None) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder (default runs/bench)")
-    parser.add_argument("--quick", action="store_true", help="a few iterations and images (seconds)")
+    parser = part_parser(__doc__, Path("runs/bench"), "a few iterations and images (seconds)")
     parser.add_argument("--threads", type=int, help="torch threads of every run (default: OMP_NUM_THREADS or all)")
     args = parser.parse_args(argv)
     return 0 if run(args.out, args.quick, args.threads)["passed"] else 1
