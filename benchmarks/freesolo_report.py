@@ -96,7 +96,7 @@ def holdout_rows(run: Path, paper_round: Path | None, holdout: Path, ground_trut
     if not coarse_file.is_file():
         command = ["--images", str(holdout / "val"), "--backbone", str(paths.pretrain.model), "--out", str(coarse_file)]
         subprocess.run(freesolo("freemask", *command), check=True)
-    results = stage_results(paths, 1, coarse_file, holdout / "val", holdout / "val.json", False)
+    results = stage_results(paths, 1, coarse_file, holdout / "val", holdout / "val.json", ground_truth, False)
     if paper_round is not None:
         paper = model_results(paper_round / "model.pt", holdout / "val", holdout / "val.json", False)
         results["selftrain1, pseudo-labels only (the paper's)"] = paper

@@ -48,3 +48,13 @@ def merge(records: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]
         for ann in record["annotations"]:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
     return {"info": info, "images": images, "annotations": annotations, "categories": [CATEGORY]}
+
+
+def by_file_name(images: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """COCO annotations (or results) grouped by their image's file name: the key that stays when image ids differ
+    between jsons of the same images. Images without annotations are left out."""
+    names = {image["id"]: image["file_name"] for image in images}
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for ann in annotations:
+        grouped.setdefault(names[ann["image_id"]], []).append(ann)
+    return grouped

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pycocotools.coco import COCO
 
 from training.backbone_io import backbone_state_dict
+from training.coarse_json import by_file_name
 from training.config import Config
 from training.data.images import list_images
 from training.engine.trainer import RunPaths, resumable_state
@@ -28,7 +30,6 @@ from training.report import (
     coarse_on_ground_truth,
     comparison_grid,
     model_results,
-    results_by_file,
     stage_row,
     stage_table,
     write_report,
@@ -89,11 +90,17 @@ def run_stages(
 
 
 def stage_results(
-    paths: PipelinePaths, rounds: int, coarse_file: Path, eval_images: Path, eval_ann: Path, progress: bool
+    paths: PipelinePaths,
+    rounds: int,
+    coarse_file: Path,
+    eval_images: Path,
+    eval_ann: Path,
+    ground_truth: COCO,
+    progress: bool,
 ) -> dict[str, list[dict[str, Any]]]:
-    """COCO results of every stage on an evaluation set, keyed by stage name: the coarse masks of its images
-    (coarse_file, a Free Mask json of eval_images), weak training and every self-training round."""
-    ground_truth = load_ground_truth(eval_ann)
+    """COCO results of every stage on an evaluation set (eval_ann, loaded as ground_truth), keyed by stage name: the
+    coarse masks of its images (coarse_file, a Free Mask json of eval_images), weak training and every self-training
+    round."""
     results = {"freemask": coarse_on_ground_truth(json.loads(coarse_file.read_text()), ground_truth)}
     models = {"weak": paths.weak.model}
     models.update({f"selftrain{r}": paths.selftrain / f"round{r}" / "model.pt" for r in range(1, rounds + 1)})
@@ -107,7 +114,7 @@ def evaluate_stages(
 ) -> list[dict[str, Any]]:
     """The report: Free Mask, weak training and every self-training round, on the evaluation set."""
     ground_truth = load_ground_truth(eval_ann)
-    results = stage_results(paths, rounds, paths.coarse_eval, eval_images, eval_ann, progress)
+    results = stage_results(paths, rounds, paths.coarse_eval, eval_images, eval_ann, ground_truth, progress)
     stages = [stage_row(name, ground_truth, found) for name, found in results.items()]
     coarse = results.pop("freemask")
     final = list(results)[-1]
@@ -115,7 +122,8 @@ def evaluate_stages(
     truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
     columns = [("ground truth (evaluation only)", truth), ("Free Mask (coarse)", coarse)]
     columns += [(name if name != final else f"{name} (final)", found) for name, found in results.items()]
-    grid = comparison_grid(files, [(title, results_by_file(found, ground_truth)) for title, found in columns])
+    images = ground_truth.dataset["images"]
+    grid = comparison_grid(files, [(title, by_file_name(images, found)) for title, found in columns])
     write_report(paths.root, stages, grid, f"FreeSOLO pipeline: {paths.root}")
     return stages
 

@@ -76,14 +76,6 @@ def comparison_grid(image_files: list[Path], columns: list[tuple[str, dict[str, 
     return Image.fromarray(np.concatenate(rows, axis=0))
 
 
-def results_by_file(results: list[dict[str, Any]], ground_truth: COCO) -> dict[str, list[dict[str, Any]]]:
-    names = {image["id"]: image["file_name"] for image in ground_truth.dataset["images"]}
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        grouped.setdefault(names[result["image_id"]], []).append(result)
-    return grouped
-
-
 def write_report(out: Path, stages: list[dict[str, Any]], grid: Image.Image, title: str) -> None:
     """RUN/report.json, RUN/report.md and RUN/overlays.png."""
     atomic_write_text(out / "report.json", json.dumps({"stages": stages}, indent=2) + "\n")

@@ -21,7 +21,7 @@ from typing import Any
 
 from pycocotools import mask as mask_utils
 
-from training.coarse_json import CATEGORY, image_record, merge
+from training.coarse_json import CATEGORY, by_file_name, image_record, merge
 from training.config import Config, apply_overrides, config_from_dict
 from training.data.coco import ImageFolder
 from training.data.images import list_images
@@ -55,20 +55,13 @@ def uncovered(previous: list[dict[str, Any]], pseudo: list[dict[str, Any]]) -> l
     return [ann for ann, row in zip(kept, iou, strict=True) if row.max() < COVERED_IOU]
 
 
-def annotations_by_file(document: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    names = {image["id"]: image["file_name"] for image in document["images"]}
-    grouped: dict[str, list[dict[str, Any]]] = {name: [] for name in names.values()}
-    for ann in document["annotations"]:
-        grouped[names[ann["image_id"]]].append(ann)
-    return grouped
-
-
 def write_pseudo_labels(
     teacher: Path, images: Path, out: Path, config: Config, progress: bool = True, previous: Path | None = None
 ) -> int:
     """Predict on every image of ``images`` and write the confident detections as a coarse json, with the uncovered
     annotations of the ``previous`` json (the teacher's training labels) when given; returns the count."""
-    kept_before = annotations_by_file(json.loads(previous.read_text())) if previous else {}
+    before = json.loads(previous.read_text()) if previous else {"images": [], "annotations": []}
+    kept_before = by_file_name(before["images"], before["annotations"])
     predictor = Predictor.from_checkpoint(teacher)
     files = list_images(images)
     dataset = ImageFolder(files, predictor.test_policy)

@@ -2,7 +2,7 @@
 
 Both have ``training.ops.matrix_nms``'s call (masks sorted by score, label-aware, decayed scores returned in input
 order), so ``postprocess(..., nms=greedy_mask_nms)`` swaps them in. Both take the IoU matrix first, with the same
-``pairwise_mask_iou`` as Matrix NMS, then walk the masks one pick at a time: the walk is the sequential part Matrix
+``masks_iou`` as Matrix NMS, then walk the masks one pick at a time: the walk is the sequential part Matrix
 NMS does away with, and ``greedy_nms_decay`` / ``soft_nms_decay`` expose it alone so that benchmarks can time it
 against ``matrix_nms_decay``. The walk runs in numpy on the host: one small step per mask, where torch's per-call
 overhead would dominate.
@@ -18,14 +18,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from training.ops.matrix_nms import KERNELS, pairwise_mask_iou
+from training.ops.matrix_nms import KERNELS, masks_iou
 
 IOU_THRESHOLD = 0.5
-
-
-def _mask_iou(masks: torch.Tensor, scores: torch.Tensor, mask_area: torch.Tensor | None) -> torch.Tensor:
-    area = None if mask_area is None else mask_area.to(scores.dtype)
-    return pairwise_mask_iou(masks.flatten(-2).to(scores.dtype), area)
 
 
 def _per_image(
@@ -108,7 +103,7 @@ def greedy_mask_nms(
     """Greedy ("hard") mask NMS with ``matrix_nms``'s arguments: kept masks keep their score, suppressed ones get 0.
     ``kernel`` and ``sigma`` are accepted so that ``postprocess`` can call it like Matrix NMS; hard NMS has no
     decay kernel and ignores them."""
-    return greedy_nms_decay(_mask_iou(masks, scores, mask_area), labels, scores, iou_threshold=iou_threshold)
+    return greedy_nms_decay(masks_iou(masks, mask_area, scores.dtype), labels, scores, iou_threshold=iou_threshold)
 
 
 def soft_mask_nms(
@@ -122,5 +117,5 @@ def soft_mask_nms(
     iou_threshold: float = IOU_THRESHOLD,
 ) -> torch.Tensor:
     """Soft-NMS on mask IoU with ``matrix_nms``'s arguments (``soft_nms_decay`` says how scores decay)."""
-    iou = _mask_iou(masks, scores, mask_area)
+    iou = masks_iou(masks, mask_area, scores.dtype)
     return soft_nms_decay(iou, labels, scores, kernel=kernel, sigma=sigma, iou_threshold=iou_threshold)

@@ -26,6 +26,13 @@ def pairwise_mask_iou(masks: torch.Tensor, areas: torch.Tensor | None = None) ->
     return torch.where(union > 0, intersection / union.clamp(min=EPS), torch.zeros_like(intersection))
 
 
+def masks_iou(masks: torch.Tensor, mask_area: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The IoU matrix [..., N, N] of [..., N, H, W] masks in the scores' dtype, from their areas when known: the
+    first step of every mask NMS here."""
+    area = None if mask_area is None else mask_area.to(dtype)
+    return pairwise_mask_iou(masks.flatten(-2).to(dtype), area)
+
+
 def matrix_nms(
     masks: torch.Tensor,
     labels: torch.Tensor,
@@ -49,9 +56,8 @@ def matrix_nms(
     Returns:
         [..., N] decayed scores; the top mask keeps its score and scores never increase.
     """
-    flat = masks.flatten(-2).to(scores.dtype)
-    area = None if mask_area is None else mask_area.to(scores.dtype)
-    return matrix_nms_decay(pairwise_mask_iou(flat, area), labels, scores, kernel=kernel, sigma=sigma)
+    iou = masks_iou(masks, mask_area, scores.dtype)
+    return matrix_nms_decay(iou, labels, scores, kernel=kernel, sigma=sigma)
 
 
 def matrix_nms_decay(
