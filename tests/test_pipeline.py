@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import training.pipeline as pipeline
-from benchmarks.freesolo_report import holdout_rows
+from benchmarks.freesolo_report import HOLDOUT_FOLDS, folds, holdout_row, holdout_rows
 from training.cli import main
 from training.evaluate import load_ground_truth
 from training.report import STAGE_KEYS
@@ -81,10 +81,39 @@ def test_pipeline_crash_resume_and_report(
     assert (out / "selftrain" / "model.pt").is_file()
 
     # The results report's held-out rows, given the pipeline's own evaluation set, measure its models alike.
-    rows = holdout_rows(out, None, synth_data, load_ground_truth(synth_data / "val.json"))
+    cache = out / "results_cache"
+    rows = holdout_rows(out, {}, synth_data, load_ground_truth(synth_data / "val.json"), cache)
     assert [row["name"] for row in rows] == ["freemask", "weak", "selftrain1"]
-    assert rows[1:] == report["stages"][1:]
+    assert [{key: value for key, value in row.items() if key != "folds"} for row in rows[1:]] == report["stages"][1:]
     assert (out / "freemask" / "holdout.json").is_file() and all(0.0 <= rows[0][key] <= 1.0 for key in STAGE_KEYS)
+    assert all(len(row["folds"]) == HOLDOUT_FOLDS for row in rows)
+    # one cached result per model, which a second measurement reads instead of predicting again
+    stored = sorted(cache.glob("*.json"))
+    assert len(stored) == 2
+    ground_truth = load_ground_truth(synth_data / "val.json")
+    truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
+    for path in stored:  # results no 2-step model could give
+        path.write_text(json.dumps(truth))
+    again = holdout_rows(out, {}, synth_data, ground_truth, cache)
+    assert again[0] == rows[0] and all(row["AP"] == pytest.approx(1.0) for row in again[1:])
+
+
+def test_holdout_folds_partition_the_set_and_one_fold_is_the_whole(synth_data: Path) -> None:
+    ground_truth = load_ground_truth(synth_data / "val.json")
+    parts = folds(ground_truth, 2)
+    image_ids = [sorted(part.getImgIds()) for part in parts]
+    assert set(image_ids[0]).isdisjoint(image_ids[1]) and image_ids[0] and image_ids[1]
+    assert sorted(image_ids[0] + image_ids[1]) == sorted(ground_truth.getImgIds())
+    assert sum(len(part.getAnnIds()) for part in parts) == len(ground_truth.getAnnIds())
+    # the ground truth as detections: perfect on the whole set and on each fold
+    truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
+    row = holdout_row("truth", ground_truth, parts, truth)
+    assert row["AP"] == pytest.approx(1.0) and all(fold["AP"] == pytest.approx(1.0) for fold in row["folds"])
+    # half the objects found: each fold is measured on its own images only
+    first_fold = [t for t in truth if t["image_id"] in set(image_ids[0])]
+    row = holdout_row("first fold found", ground_truth, parts, first_fold)
+    assert row["folds"][0]["AR100"] == pytest.approx(1.0) and row["folds"][1]["AR100"] == 0.0
+    assert 0.0 < row["AR100"] < 1.0
 
 
 def test_eval_arguments_go_together(synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

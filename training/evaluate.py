@@ -24,6 +24,14 @@ def load_ground_truth(ann_file: Path) -> COCO:
     return _quiet(COCO, str(ann_file))
 
 
+def ground_truth_from(dataset: dict[str, Any]) -> COCO:
+    """A ground truth from an in-memory COCO dict (e.g. a subset of a loaded one)."""
+    ground_truth = COCO()
+    ground_truth.dataset = dataset
+    _quiet(ground_truth.createIndex)
+    return ground_truth
+
+
 def coco_metrics(ground_truth: COCO, results: list[dict[str, Any]], class_agnostic: bool) -> dict[str, Any]:
     """{"segm": {AP, AP50, ...}, "bbox": {...}} as fractions in [0, 1]; a metric pycocotools cannot define
     (no GT of that size, reported as -1) is None. Per-class AP is added under "per_class" when not agnostic."""

@@ -97,15 +97,16 @@ def stage_results(
     eval_ann: Path,
     ground_truth: COCO,
     progress: bool,
+    cache: Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """COCO results of every stage on an evaluation set (eval_ann, loaded as ground_truth), keyed by stage name: the
     coarse masks of its images (coarse_file, a Free Mask json of eval_images), weak training and every self-training
-    round."""
+    round; ``cache``: see ``model_results``."""
     results = {"freemask": coarse_on_ground_truth(json.loads(coarse_file.read_text()), ground_truth)}
     models = {"weak": paths.weak.model}
     models.update({f"selftrain{r}": paths.selftrain / f"round{r}" / "model.pt" for r in range(1, rounds + 1)})
     for name, model in models.items():
-        results[name] = model_results(model, eval_images, eval_ann, progress)
+        results[name] = model_results(model, eval_images, eval_ann, progress, cache)
     return results
 
 

@@ -3,6 +3,7 @@ overlay pictures of the ground truth, the coarse masks and each stage's predicti
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,23 @@ def coarse_on_ground_truth(coarse: dict[str, Any], ground_truth: COCO) -> list[d
     ]
 
 
-def model_results(checkpoint: Path, images: Path, ann: Path, progress: bool) -> list[dict[str, Any]]:
-    """A checkpoint's COCO results on a labelled image folder."""
+def model_results(
+    checkpoint: Path, images: Path, ann: Path, progress: bool, cache: Path | None = None
+) -> list[dict[str, Any]]:
+    """A checkpoint's COCO results on a labelled image folder. With ``cache`` (a folder), results are kept there
+    under a hash of the checkpoint's and the ground truth's bytes and the image folder, so a report run again after
+    one more training evaluates only what changed."""
+    if cache is not None:
+        digest = hashlib.sha256(checkpoint.read_bytes() + ann.read_bytes() + str(images).encode()).hexdigest()
+        stored = cache / f"{digest[:24]}.json"
+        if stored.is_file():
+            return json.loads(stored.read_text())
     predictor = Predictor.from_checkpoint(checkpoint)
-    dataset = CocoInstances(images, ann, predictor.test_policy)
-    return predictor.dataset_results(dataset, progress=progress)
+    results = predictor.dataset_results(CocoInstances(images, ann, predictor.test_policy), progress=progress)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stored, json.dumps(results))
+    return results
 
 
 def stage_row(name: str, ground_truth: COCO, results: list[dict[str, Any]]) -> dict[str, Any]:
