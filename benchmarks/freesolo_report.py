@@ -59,6 +59,13 @@ def freesolo(*argv: str, progress: bool = False) -> list[str]:
     return [sys.executable, "-m", "training.cli", *argv, *([] if progress else ["--no-progress"])]
 
 
+def weak_training(images: Path, coarse: Path, out: Path, init: Path, overrides: list[str]) -> list[str]:
+    """The command of a resumable weak-mode training on ``coarse`` from ``init``, with config overrides."""
+    sets = [item for override in overrides for item in ("--set", override)]
+    command = ["--images", str(images), "--ann", str(coarse), "--out", str(out), "--init", str(init), "--resume"]
+    return freesolo("train", "--mode", "weak", *command, *sets)
+
+
 def run_parallel(jobs: dict[str, list[str]], logs: Path, width: int) -> None:
     """Run commands ``width`` at a time with one thread each; stop at the first failure."""
     pending = list(jobs.items())
@@ -224,22 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for slug, (name, overrides) in ABLATIONS.items():
         out = work / f"ablation_{slug}"
         runs[name] = out
-        sets = [item for override in overrides for item in ("--set", override)]
-        jobs[out.name] = freesolo(
-            "train",
-            "--mode",
-            "weak",
-            "--images",
-            str(train),
-            "--ann",
-            str(coarse),
-            "--out",
-            str(out),
-            "--init",
-            str(pipeline / "backbone.pth"),
-            "--resume",
-            *sets,
-        )
+        jobs[out.name] = weak_training(train, coarse, out, pipeline / "backbone.pth", overrides)
     starts = {
         "freesolo": ("the FreeSOLO backbone", ["--init", str(backbone)]),
         "densecl": ("the DenseCL backbone", ["--init", str(pipeline / "backbone.pth")]),
@@ -285,20 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     # instead of the round's labels; what a round gains beyond it is what its labels teach.
     continued = work / CONTINUED
     runs["weak SOLO, 800 more steps on the coarse masks (no self-training)"] = continued
-    jobs[continued.name] = freesolo(
-        "train",
-        "--mode",
-        "weak",
-        "--images",
-        str(train),
-        "--ann",
-        str(coarse),
-        "--out",
-        str(continued),
-        "--init",
-        str(teacher),
-        "--resume",
-    )
+    jobs[continued.name] = weak_training(train, coarse, continued, teacher, [])
     selftrain_low = work / "selftrain_thr025"
     runs["after one self-training round, pseudo-labels only, score >= 0.25"] = selftrain_low
     jobs[selftrain_low.name] = freesolo(
