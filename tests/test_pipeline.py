@@ -82,7 +82,8 @@ def test_pipeline_crash_resume_and_report(
 
     # The results report's held-out rows, given the pipeline's own evaluation set, measure its models alike.
     cache = out / "results_cache"
-    rows = holdout_rows(out, {}, synth_data, load_ground_truth(synth_data / "val.json"), cache)
+    ground_truth = load_ground_truth(synth_data / "val.json")
+    rows = holdout_rows(out, {}, synth_data, ground_truth, cache)
     assert [row["name"] for row in rows] == ["freemask", "weak", "selftrain1"]
     assert [{key: value for key, value in row.items() if key != "folds"} for row in rows[1:]] == report["stages"][1:]
     assert (out / "freemask" / "holdout.json").is_file() and all(0.0 <= rows[0][key] <= 1.0 for key in STAGE_KEYS)
@@ -90,7 +91,6 @@ def test_pipeline_crash_resume_and_report(
     # one cached result per model, which a second measurement reads instead of predicting again
     stored = sorted(cache.glob("*.json"))
     assert len(stored) == 2
-    ground_truth = load_ground_truth(synth_data / "val.json")
     truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
     for path in stored:  # results no 2-step model could give
         path.write_text(json.dumps(truth))
@@ -98,7 +98,7 @@ def test_pipeline_crash_resume_and_report(
     assert again[0] == rows[0] and all(row["AP"] == pytest.approx(1.0) for row in again[1:])
 
 
-def test_holdout_folds_partition_the_set_and_one_fold_is_the_whole(synth_data: Path) -> None:
+def test_holdout_folds_partition_the_set_and_are_measured_alone(synth_data: Path) -> None:
     ground_truth = load_ground_truth(synth_data / "val.json")
     parts = folds(ground_truth, 2)
     image_ids = [sorted(part.getImgIds()) for part in parts]
