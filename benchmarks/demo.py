@@ -44,6 +44,7 @@ def run_demo(out: Path, pretrain_iters: int, weak_iters: int) -> None:
     pipeline = ["pipeline", "--images", str(data / "train"), "--out", str(run)]
     pipeline += ["--eval-images", str(data / "val"), "--eval-ann", str(data / "val.json")]
     pipeline += ["--set", f"pretrain.solver.iters={pretrain_iters}", "--set", f"weak.solver.iters={weak_iters}"]
+    pipeline += ["--set", f"weak.selftrain_iters={weak_iters}"]
     step("2/4 FreeSOLO without labels: pretrain -> freemask -> weak SOLO -> self-training -> evaluation", pipeline)
     onnx, final = out / "model.onnx", run / "selftrain" / "model.pt"
     if not onnx.is_file():

@@ -23,6 +23,8 @@ FEW_ITERATIONS = [
     "--set",
     "weak.solver.iters=2",
     "--set",
+    "weak.selftrain_iters=2",
+    "--set",
     "weak.solver.batch_size=2",
     "--set",
     "freemask.score_thr=0.3",

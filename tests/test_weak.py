@@ -18,7 +18,7 @@ from training.data.batching import Sample, collate
 from training.data.coco import CocoInstances, ResizePolicy
 from training.models import SOLOv2
 from training.results import ImageGeometry
-from training.selftrain import uncovered
+from training.selftrain import round_config, uncovered
 from training.solo_training import weak_model_config
 from training.weak import WeakStrongViews, collate_views, copy_paste, random_erase, weak_loss
 
@@ -184,6 +184,11 @@ def test_train_weak_then_selftrain(synth_data: Path, coarse: Path, tmp_path: Pat
     per_image = [sum(a["image_id"] == image["id"] for a in pseudo["annotations"]) for image in pseudo["images"]]
     assert max(per_image) <= 20
     assert (out / "model.pt").is_file() and (out / "round1" / "model.pt").is_file()
+    # a round trains --iters steps (weak.selftrain_iters; the tiny preset's 800 when not given); 0: the teacher's own
+    assert load_checkpoint(out / "round1" / "model.pt")["config"]["solver"]["iters"] == 1
+    assert round_config(run / "model.pt", []).weak.solver.iters == 800
+    assert round_config(run / "model.pt", ["weak.selftrain_iters=0"]).weak.solver.iters == 2
+    assert round_config(run / "model.pt", ["weak.selftrain_iters=5"]).weak.solver.iters == 5
 
     # with --coarse and no confident prediction (threshold above 1), the round keeps exactly the coarse masks
     kept = tmp_path / "selftrain-keep"

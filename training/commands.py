@@ -229,7 +229,7 @@ def _register_selftrain(commands: ArgumentGroup) -> None:
 def run_selftrain(args: argparse.Namespace) -> int:
     from training.selftrain import self_train
 
-    overrides = args.set + ([f"weak.solver.iters={args.iters}"] if args.iters else [])
+    overrides = args.set + ([f"weak.selftrain_iters={args.iters}"] if args.iters else [])
     if args.coarse is not None and not args.coarse.is_file():
         raise UserError(f"coarse json not found: {args.coarse}")
     model = self_train(

@@ -175,6 +175,9 @@ class WeakConfig:
     # round refines its labels where the teacher is confident instead of dropping every object it is unsure of
     # (docs/freesolo_results.md: on the synthetic val, AP 0.42 -> 0.56 with them, 0.40 without).
     selftrain_keep_coarse: bool = True
+    # A round's training steps; 0 keeps the teacher's own schedule. A round fine-tunes a trained teacher, so it may
+    # be shorter than the schedule that trained the teacher from the backbone (the tiny preset: 1600 and 800).
+    selftrain_iters: int = 0
     solver: SolverConfig = field(
         default_factory=lambda: SolverConfig(batch_size=16, iters=30000, base_lr=0.001, warmup_iters=1000, lr_steps=[])
     )

@@ -86,10 +86,14 @@ def write_pseudo_labels(
 
 
 def round_config(teacher: Path, overrides: list[str]) -> Config:
-    """The teacher's own config (same model and schedule), with the user's overrides."""
+    """The teacher's own config (same model and schedule), with the user's overrides; ``weak.selftrain_iters``, when
+    set, replaces the schedule's length."""
     from training.checkpoint import load_checkpoint
 
-    return apply_overrides(config_from_dict(load_checkpoint(teacher)["config"]), overrides)
+    config = apply_overrides(config_from_dict(load_checkpoint(teacher)["config"]), overrides)
+    if config.weak.selftrain_iters > 0:
+        config.weak.solver.iters = config.weak.selftrain_iters
+    return config
 
 
 def self_train(
