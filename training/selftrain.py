@@ -2,9 +2,10 @@
 
 Round r predicts on the unlabeled images with the current teacher, keeps detections with score >= 0.3 (at most 20
 per image) as pseudo-labels, each with the teacher's embedding at the detection's grid cell as its embedding target,
-and trains a weak-mode model on them, initialised from the teacher. With ``weak.selftrain_keep_coarse`` (default; not
-in the paper) the masks the teacher was trained on (round 1: the Free Mask json given as ``coarse``; round r: round
-r-1's labels) stay where no pseudo-label covers them (mask IoU < 0.5). Layout (every step skipped when done, so an
+and trains a weak-mode model on them, initialised from the teacher, for ``weak.selftrain_iters`` steps (0: the
+teacher's own schedule). With ``weak.selftrain_keep_coarse`` (default; not in the paper) the masks the teacher was
+trained on (round 1: the Free Mask json given as ``coarse``; round r: round r-1's labels) stay where no pseudo-label
+covers them (mask IoU < 0.5). Layout (every step skipped when done, so an
 interrupted run resumes):
 
     RUN/round1/pseudo.json, RUN/round1/{config.yaml, checkpoint.pt, model.pt, log.jsonl, loss_curve.png}
