@@ -99,13 +99,16 @@ def unfinished(jobs: dict[str, list[str]], work: Path) -> dict[str, list[str]]:
     return {name: command for name, command in jobs.items() if not (work / name / "model.pt").is_file()}
 
 
+def coco_subset(dataset: dict[str, Any], images: list[dict[str, Any]]) -> dict[str, Any]:
+    """A COCO dict cut down to ``images`` and their annotations (other keys kept)."""
+    kept = {image["id"] for image in images}
+    return {**dataset, "images": images, "annotations": [a for a in dataset["annotations"] if a["image_id"] in kept]}
+
+
 def labelled_subset(ann: Path, out: Path) -> Path:
     """Every LABEL_SHARE-th image of a COCO json with its annotations."""
     data = json.loads(ann.read_text())
-    images = data["images"][::LABEL_SHARE]
-    kept = {image["id"] for image in images}
-    data.update(images=images, annotations=[a for a in data["annotations"] if a["image_id"] in kept])
-    atomic_write_text(out, json.dumps(data))
+    atomic_write_text(out, json.dumps(coco_subset(data, data["images"][::LABEL_SHARE])))
     return out
 
 
@@ -120,10 +123,7 @@ def folds(ground_truth: COCO, count: int) -> list[COCO]:
     size = -(-len(images) // count)
     parts = []
     for start in range(0, len(images), size):
-        chosen = images[start : start + size]
-        kept = {image["id"] for image in chosen}
-        annotations = [a for a in ground_truth.dataset["annotations"] if a["image_id"] in kept]
-        parts.append(ground_truth_from({**ground_truth.dataset, "images": chosen, "annotations": annotations}))
+        parts.append(ground_truth_from(coco_subset(ground_truth.dataset, images[start : start + size])))
     return parts
 
 
