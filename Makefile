@@ -34,7 +34,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks.demo --out $(DEMO) $(DEMO_ARGS)
+	$(BIN)/python -m studies.demo --out $(DEMO) $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out runs/bench

@@ -1,1 +1,1 @@
-"""Benchmarks, the demo and their reports (may import every package of the project)."""
+"""Benchmarks: what `freesolo bench` / `make bench` runs, and their reports (may import every package)."""

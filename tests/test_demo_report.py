@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.demo_report import RUNTIMES, write_demo_report
+from studies.demo_report import RUNTIMES, write_demo_report
 from serving.launcher import ServerState
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import training.pipeline as pipeline
-from benchmarks.freesolo_report import HOLDOUT_FOLDS, folds, holdout_row, holdout_rows
+from studies.freesolo_report import HOLDOUT_FOLDS, folds, holdout_row, holdout_rows
 from training.cli import main
 from training.evaluate import load_ground_truth
 from training.report import STAGE_KEYS

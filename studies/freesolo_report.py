@@ -1,7 +1,7 @@
 """The FreeSOLO results report: every stage and the paper's ablations, measured with the tiny preset's full schedules
 on the default synthetic set (labels are used only by evaluation and by the labelled rows).
 
-    python -m benchmarks.freesolo_report --work runs/freesolo_report --out docs
+    python -m studies.freesolo_report --work runs/freesolo_report --out docs
 
 Rows: Free Mask coarse masks; self-supervised SOLO (the tiny preset: full-mask Dice on the coarse masks, 1600
 steps); after one self-training round (800 steps from that model on pseudo-labels plus the coarse masks they do not

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.demo_report import write_demo_report
+from studies.demo_report import write_demo_report
 from benchmarks.serving_setup import free_ports
 from training.cli import main as freesolo
 

@@ -6,7 +6,7 @@ the object (IoU). Free Mask's own queries are single cells or pooled cells, so i
 on average. Comparing backbones (DenseCL, random initialisation, a supervised SOLO backbone) tells whether the
 features or the mask extraction limit the coarse masks.
 
-    python -m benchmarks.freemask_oracle --images DIR --ann GT.json --backbone NAME=CKPT [--backbone ...]
+    python -m studies.freemask_oracle --images DIR --ann GT.json --backbone NAME=CKPT [--backbone ...]
 """
 
 from __future__ import annotations
