@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
+from training.cli_args import Subcommands
 
 
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     """Add ``bench`` to the ``freesolo`` parser."""
     from benchmarks import run
 

@@ -6,7 +6,8 @@ Runtimes, batch 1, random weights (speed does not depend on what weights learned
 - ``pytorch_fp32``: eager network + ``postprocess`` to the graph contract;
 - ``pytorch_bf16``: the same with the network under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (AMX on this
   CPU); post-processing (thresholds, Matrix NMS) stays fp32, as int8 keeps it float;
-- ``ort_fp32`` and ``ort_int8``: ONNX Runtime's CPU provider, ORT_ENABLE_ALL, on ``export.onnx_export.build_onnx``
+- ``ort_fp32`` and ``ort_int8``: ONNX Runtime's CPU provider with the project's session options
+  (``export.onnx_inputs``), on ``export.onnx_export.build_onnx``
   and ``export.quantize.quantize_int8``. int8 of random weights is calibrated on one noise image: its ranges are
   meaningless, its speed is not;
 - ORT bf16 is not run: its CPU provider has no bf16 kernels (``export.onnx_export.BF16_UNSUPPORTED``).
@@ -58,11 +59,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.bench_model import BenchModel, ensure_bench_model
 from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
 from export.onnx_export import BF16_UNSUPPORTED, InputSize, build_onnx, default_input_size, preset_model
-from export.onnx_inputs import InputPolicy, OnnxModel, calibration_images
+from export.onnx_inputs import OnnxModel, calibration_images, session_options
 from export.quantize import quantize_int8
 from training.config import Config
 from training.data.coco import CocoInstances
 from training.evaluate import load_ground_truth
+from training.geometry import InputPolicy
 from training.inference import Predictor
 from training.models import SOLOv2
 from training.models.postprocess import postprocess
@@ -144,13 +146,6 @@ def interleaved_timings(functions: dict[str, Callable[[], Any]], repeats: int, w
                 if call >= warmup:
                     samples[name].append(1000 * (time.perf_counter() - started))
     return samples
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    return options
 
 
 def onnx_models(

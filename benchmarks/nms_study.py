@@ -53,10 +53,10 @@ from benchmarks.reporting import latency_summary, machine, part_parser, utc_now,
 from training.data.coco import CocoInstances
 from training.evaluate import load_ground_truth
 from training.inference import Predictor
-from training.models.postprocess import NmsFunction, postprocess
+from training.models.postprocess import postprocess
 from training.ops import greedy_mask_nms, matrix_nms, soft_mask_nms
 from training.ops.mask_nms import greedy_nms_decay, soft_nms_decay
-from training.ops.matrix_nms import matrix_nms_decay, pairwise_mask_iou
+from training.ops.matrix_nms import MaskNms, matrix_nms_decay, pairwise_mask_iou
 from training.report import stage_row
 from triton_plugins.matrix_nms import host_build, onnx_function
 
@@ -114,7 +114,7 @@ AGREEING = ("matrix_onnxruntime", "matrix_cuda_host", "matrix_triton")  # compar
 class Variant:
     key: str
     label: str
-    nms: NmsFunction
+    nms: MaskNms
     kernel: str
 
 

@@ -27,9 +27,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 
@@ -37,13 +39,15 @@ from benchmarks.bench_model import ensure_bench_model
 from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, free_ports, photographs
 from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
+from export.onnx_inputs import session_options
 from serving.client import FreeSOLOClient
 from serving.client_results import Detection, ModelInfo, response_detections
 from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
 from serving.detections import image_outputs
-from serving.imaging import InputPolicy, decode_image, prepare_image
+from serving.imaging import decode_image
 from serving.launcher import ServerState, start_server, stop_server
 from serving.repository import Settings, prepare_repository, read_model
+from training.geometry import InputPolicy, prepare_image
 
 TARGET = 0.15
 IN_PROCESS = "in_process"
@@ -54,10 +58,8 @@ class InProcess:
 
     def __init__(self, onnx_path: Path, threads: int, info: ModelInfo) -> None:
         served = read_model(onnx_path)
-        self.policy = InputPolicy(served.height, served.width, served.test_size, served.max_size)
-        options = ort.SessionOptions()  # as serving/model_repository/model_python/1/model.py
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.policy = InputPolicy(served.height, served.width, served.dynamic, served.test_size, served.max_size)
+        options = session_options(threads)  # as serving/model_repository/model_python/1/model.py
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.info = info
 
@@ -65,7 +67,11 @@ class InProcess:
         images, geometry = prepare_image(decode_image(data), self.policy)
         outputs = dict(zip(OUTPUT_NAMES, self.session.run(None, {INPUT_NAME: images[None]}), strict=True))
         item = image_outputs(
-            int(outputs["num_dets"][0]), outputs["scores"][0], outputs["labels"][0], outputs["masks"][0], geometry
+            int(outputs["num_dets"][0]),
+            outputs["scores"][0],
+            outputs["labels"][0],
+            outputs["masks"][0],
+            np.array(astuple(geometry), np.int32),
         )
         return response_detections({name: array[None] for name, array in item.items()}, self.info)[0]
 

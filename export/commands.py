@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
+from training.cli_args import Subcommands
 
 ONNX_DESCRIPTION = """\
 Export a SOLOv2 checkpoint as one ONNX graph of the graph contract (DESIGN.md):
@@ -21,7 +20,7 @@ NMS stay float. bf16 is refused: ONNX Runtime's CPU provider has no bf16 compute
 random weights of a preset instead of a checkpoint (for speed tests)."""
 
 
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     """Add ``export`` and its formats to the ``freesolo`` parser."""
     export = commands.add_parser(
         "export", help="deployable graphs: ONNX with Matrix NMS inside", description="Export a trained model."
@@ -32,7 +31,7 @@ def register(commands: ArgumentGroup) -> None:
     _register_parity(commands)
 
 
-def _register_onnx(formats: ArgumentGroup) -> None:
+def _register_onnx(formats: Subcommands) -> None:
     from export.graph_contract import DEFAULT_CALIB_COUNT, PRECISIONS
 
     onnx = formats.add_parser(
@@ -97,7 +96,7 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _register_trt(formats: ArgumentGroup) -> None:
+def _register_trt(formats: Subcommands) -> None:
     trt = formats.add_parser(
         "trt",
         help="TensorRT engine from the ONNX model (GPU hosts with TensorRT)",
@@ -138,7 +137,7 @@ raw head tensors before any threshold (category logits, kernels, mask features; 
 detections as sets (count, matched-mask IoU, scores, boxes). Exit code 0 when all pass, 1 when any fails."""
 
 
-def _register_parity(commands: ArgumentGroup) -> None:
+def _register_parity(commands: Subcommands) -> None:
     parity = commands.add_parser(
         "parity",
         help="PyTorch vs ONNX Runtime (vs TensorRT) on images: raw heads and detections",

@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 INPUT_NAME = "images"
-INPUT_DTYPE = "uint8"  # [B, 3, H, W] RGB, H and W multiples of SIZE_DIVISOR; normalisation is inside the graph
-SIZE_DIVISOR = 32
-MASK_STRIDE = 4
+INPUT_DTYPE = "uint8"  # [B, 3, H, W] RGB, H and W multiples of training.geometry.SIZE_DIVISOR; normalised inside
 
 
 class OutputSpec(NamedTuple):
@@ -47,13 +45,3 @@ METADATA_KEYS = (
 CONTRACT_VERSION = "1"
 PRECISIONS = ("fp32", "bf16", "int8")  # --precision of `freesolo export onnx`
 DEFAULT_CALIB_COUNT = 32  # int8 calibration images
-
-
-def fit_within(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
-    """The second step of the input-size policy: an image already resized by the training policy (shorter side to
-    test_size, longer side at most max_size) is scaled down, keeping its aspect, until it fits a fixed-size graph's
-    H x W; it is then padded bottom/right with zeros."""
-    scale = min(1.0, max_height / height, max_width / width)
-    if scale == 1.0:
-        return height, width
-    return max(1, min(max_height, round(height * scale))), max(1, min(max_width, round(width * scale)))

@@ -12,7 +12,6 @@ bf16 is refused, because ONNX Runtime's CPU provider has no bfloat16 compute ker
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -31,14 +30,14 @@ from export.graph_contract import (
     INPUT_NAME,
     OUTPUT_NAMES,
     PRECISIONS,
-    SIZE_DIVISOR,
 )
-from export.onnx_inputs import InputPolicy, calibration_images
+from export.onnx_inputs import calibration_images
 from export.quantize import quantize_int8
 from training.checkpoint import model_from_checkpoint
 from training.config import Config, InferenceConfig, load_preset
 from training.errors import UserError
 from training.fileio import atomic_write
+from training.geometry import SIZE_DIVISOR, InputPolicy, round_up
 from training.models import SOLOv2
 from training.models.postprocess import postprocess
 from training.ops.matrix_nms import KERNELS
@@ -83,10 +82,6 @@ class InputSize:
     height: int
     width: int
     dynamic: bool
-
-
-def round_up(value: int, divisor: int = SIZE_DIVISOR) -> int:
-    return math.ceil(value / divisor) * divisor
 
 
 def default_input_size(config: Config) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.graph_contract import MASK_STRIDE
+from training.geometry import MASK_STRIDE
 
 Outputs = Mapping[str, np.ndarray]  # contract name -> batched array (num_dets, scores, labels, boxes, masks)
 

@@ -12,7 +12,7 @@ Two comparisons per image and runtime (``export.parity`` holds the numpy core):
   one). A model without that metadata is compared on detections only (the table says so). A TensorRT engine exposes
   only the contract outputs, so for it the heads column reads n/a.
 - **final detections** as sets (count, matched-mask IoU, scores, boxes), from a plain ``InferenceSession``
-  (``ORT_ENABLE_ALL``, CPU) and, with ``--trt``, the engine.
+  (``export.onnx_inputs.session_options``, CPU) and, with ``--trt``, the engine.
 
 Prints one table row per image and runtime and exits 1 when any row fails (2 for a user error).
 """
@@ -32,12 +32,12 @@ import onnxruntime as ort
 import torch
 
 from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
-from export.onnx_inputs import InputPolicy, prepare_image
+from export.onnx_inputs import session_options
 from export.parity import HeadParity, ImageParity, Tolerance, compare_heads, compare_image
 from export.tensorrt_build import read_onnx
-from training.data.batching import pad_to
 from training.data.images import list_images, read_rgb
 from training.errors import UserError
+from training.geometry import InputPolicy, prepare_image, same_canvas_batches
 from training.inference import Predictor
 from training.models.solov2 import SOLOv2Output
 
@@ -106,12 +106,6 @@ def head_tensors(model: onnx.ModelProto, levels: int) -> dict[str, str]:
     return found
 
 
-def session_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
-
-
 def head_session(model: onnx.ModelProto, tensors: Mapping[str, str]) -> ort.InferenceSession:
     """A session on a copy of ``model`` whose outputs are the given intermediate tensors."""
     copy = onnx.ModelProto()
@@ -135,14 +129,12 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
 
 
 def batches(files: list[Path], policy: InputPolicy, batch_size: int) -> list[tuple[list[Path], torch.Tensor]]:
-    """Images prepared as serving prepares them, grouped; a dynamic model's batch is padded to its largest image."""
-    groups = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        tensors = [prepare_image(read_rgb(file), policy)[0] for file in chunk]
-        size = (max(t.shape[1] for t in tensors), max(t.shape[2] for t in tensors))
-        groups.append((chunk, torch.stack([pad_to(t, size) for t in tensors])))
-    return groups
+    """Images prepared as serving prepares them, in batches of one canvas each (``training.geometry``)."""
+    items = [(file, prepare_image(read_rgb(file), policy)[0]) for file in files]
+    return [
+        ([file for file, _ in batch], torch.from_numpy(np.stack([inputs for _, inputs in batch])))
+        for batch in same_canvas_batches(items, lambda item: item[1].shape[1:], batch_size)
+    ]
 
 
 class PyTorchRunner:

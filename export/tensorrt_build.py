@@ -20,9 +20,10 @@ from typing import Any
 
 import onnx
 
-from export.graph_contract import INPUT_NAME, SIZE_DIVISOR
+from export.graph_contract import INPUT_NAME
 from training.errors import UserError
 from training.fileio import atomic_write
+from training.geometry import SIZE_DIVISOR
 from triton_plugins.matrix_nms import (
     LIBRARY_NAME,
     ONNX_DOMAIN,

@@ -1,7 +1,8 @@
 """gRPC client of the served ensemble ``freesolo``: images in, COCO-style detections out (``serving.client_results``).
 
 Torch-free: it needs tritonclient[grpc], numpy, Pillow. ``FreeSOLOClient`` (blocking; one per thread) and
-``AsyncFreeSOLOClient`` (asyncio, ``tritonclient.grpc.aio``) share the behaviour:
+``AsyncFreeSOLOClient`` (asyncio, ``tritonclient.grpc.aio``) are thin transports over one core (``_ClientCore``),
+which decides every call, retry and result without doing I/O itself, so they share the behaviour:
 
 - ``predict(images)``: paths, encoded bytes or H x W x 3 uint8 RGB arrays; a long list goes as requests of at most
   ``max_batch`` images (default: the server's ``max_batch_size``); returns one list of detections per image.
@@ -21,7 +22,8 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -75,8 +77,31 @@ def image_index(message: str, start: int, count: int) -> int | None:
     return start if count == 1 and SINGLE_ITEM.search(message) else None
 
 
-class _Settings:
-    """What both clients share: settings, batching, request building, error wording."""
+@dataclass(frozen=True)
+class Rpc:
+    """One call the core wants made: a method of tritonclient's gRPC client (the blocking and the asyncio clients
+    name their methods alike), with its arguments."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Wait before the next step (a retry's backoff)."""
+
+    seconds: float
+
+
+# What the core's operations are: generators that yield the calls and pauses they need, receive each call's result
+# (or its exception, thrown in), and return their value. A transport drives them, blocking or with asyncio.
+Plan = Generator["Rpc | Pause", Any, T]
+
+
+class _ClientCore:
+    """Everything the blocking and the asyncio clients share, free of I/O: settings, batching, request building,
+    retries, shared-memory bookkeeping, error wording and response reading. Each operation is a ``Plan``."""
 
     def __init__(
         self,
@@ -97,9 +122,26 @@ class _Settings:
         self.region = InputRegion() if use_shared_memory else None
         self._info: ModelInfo | None = None
 
+    def rpc(self, method: str, *args: Any, **kwargs: Any) -> Rpc:
+        return Rpc(method, args, {**kwargs, "client_timeout": self.timeout_s})
+
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt`` (1, 2, ...): exponential, at most 2 s."""
         return min(self.backoff_s * 2 ** (attempt - 1), 2.0)
+
+    def call(self, what: str, rpc: Rpc, start: int = 0, count: int = 0) -> Plan[Any]:
+        """``rpc``, retried ``retries`` times with backoff when answered UNAVAILABLE, and only then: a rejected
+        request would be rejected again, and one past its deadline may still be running."""
+        for attempt in range(1, self.retries + 2):
+            try:
+                return (yield rpc)
+            except InferenceServerException as error:
+                if status_name(error) != RETRIED or attempt > self.retries:
+                    raise self.error(error, what, attempt, start, count) from None
+            except SharedMemoryException as error:
+                raise self.error(error, what, attempt) from None
+            yield Pause(self.delay(attempt))
+        raise AssertionError("unreachable")
 
     def error(self, error: Exception, what: str, attempts: int, start: int = 0, count: int = 0) -> ServingError:
         """A failure in the user's terms, keeping the server's message."""
@@ -125,27 +167,86 @@ class _Settings:
         text = f"{about}{message} ({status or 'client error'} from {self.url}, {what})"
         return ServingError(text, status, message, index)
 
-    def unregister_again(self, name: str, error: InferenceServerException, attempt: int, deadline: float) -> bool:
-        """Whether to retry unregistering a region. The server answers a request before it releases the request's
-        input, so a region just used can be "currently in use" for a moment (measured: 1 in 100 unregistrations
-        right after a response): wait for it. A server that is gone holds nothing; anything else is warned about
-        (the server keeps the region registered until it restarts)."""
-        message = error.message() or str(error)
-        if IN_USE in message and time.monotonic() + self.unregister_pause(attempt) < deadline:
-            return True
-        if status_name(error) not in (RETRIED, "NOT_FOUND"):
-            warnings.warn(f"shared-memory region {name} stays registered on {self.url}: {message}", stacklevel=3)
-        return False
+    def info(self) -> Plan[ModelInfo]:
+        """Batch limit, class names and category ids of the served model (fetched once)."""
+        if self._info is None:
+            reply = yield from self.call(
+                "reading the model config", self.rpc("get_model_config", self.model, as_json=True)
+            )
+            self._info = model_info(reply)
+        return self._info
 
-    @staticmethod
-    def unregister_pause(attempt: int) -> float:
-        return min(0.005 * 2 ** (attempt - 1), 0.1)
+    def predict(self, images: Sequence[ImageInput]) -> Plan[list[list[Detection]]]:
+        """Detections of each image, in order."""
+        self.check_images(images)
+        size = self.batch_size((yield from self.info()))
+        results: list[list[Detection]] = []
+        for start, items in self.chunks(images, size):
+            results += self.detections((yield from self.infer(start, items)))
+        return results
 
-    def check_batch(self, info: ModelInfo) -> int:
+    def infer(self, start: int, items: list[bytes]) -> Plan[Any]:
+        """One request; the InferResult."""
+        tensor, payload = self.input_tensor(items)
+        if payload is not None:
+            yield from self.place(tensor, payload)
+        what = f"images {start}-{start + len(items) - 1}"
+        return (yield from self.call(what, self.rpc("infer", self.model, [tensor]), start, len(items)))
+
+    def place(self, tensor: grpcclient.InferInput, payload: bytes) -> Plan[None]:
+        """Write the payload to the shared-memory region, (re)registering it when it had to grow."""
+        region = self.region
+        assert region is not None
+        try:
+            stale = region.ensure(len(payload))
+        except SharedMemoryException as error:
+            raise self.error(error, "growing the shared-memory region", 1) from None
+        if stale is not None:
+            yield from self.unregister(stale)
+        if not region.registered:
+            yield from self.call(
+                "registering shared memory (the server must run on this machine)",
+                self.rpc("register_system_shared_memory", region.name, region.key, region.capacity),
+            )
+            region.registered = True
+        region.write(payload)
+        tensor.set_shared_memory(region.name, len(payload))
+
+    def unregister(self, name: str) -> Plan[None]:
+        """Unregister a region. The server answers a request before it releases the request's input, so a region
+        just used can be "currently in use" for a moment (measured: 1 in 100 unregistrations right after a
+        response): wait for it. A server that is gone holds nothing; anything else is warned about (the server keeps
+        the region registered until it restarts)."""
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in itertools.count(1):  # ends by the deadline
+            try:
+                yield self.rpc("unregister_system_shared_memory", name)
+                return
+            except InferenceServerException as error:
+                message = error.message() or str(error)
+                pause = min(0.005 * 2 ** (attempt - 1), 0.1)
+                if IN_USE not in message or time.monotonic() + pause >= deadline:
+                    if status_name(error) not in (RETRIED, "NOT_FOUND"):
+                        warnings.warn(
+                            f"shared-memory region {name} stays registered on {self.url}: {message}", stacklevel=2
+                        )
+                    return
+            yield Pause(pause)
+
+    def close(self) -> Plan[None]:
+        """Unregister and unlink the shared-memory region (the transport closes the channel)."""
+        if self.region is not None:
+            if self.region.registered:
+                yield from self.unregister(self.region.name)
+            self.region.release()
+
+    def batch_size(self, info: ModelInfo) -> int:
+        """Images per request: the server's batch limit (or ``max_batch``); one for a dynamic model, whose images
+        of one request would share one canvas and so change each other's detections."""
         server = max(info.max_batch_size, 1)
         if self.max_batch is not None and self.max_batch > server:
             raise ValueError(f"max_batch={self.max_batch} is more than the server's max_batch_size {server}")
-        return self.max_batch or server
+        return 1 if info.dynamic_input else self.max_batch or server
 
     @staticmethod
     def check_images(images: Sequence[ImageInput]) -> None:
@@ -173,7 +274,15 @@ class _Settings:
         return response_detections({name: result.as_numpy(name) for name in OUTPUT_NAMES}, self._info)
 
 
-class FreeSOLOClient(_Settings):
+def _outcome(step: Rpc | Pause, grpc: Any) -> Any:
+    """What a blocking transport does with one step."""
+    if isinstance(step, Pause):
+        time.sleep(step.seconds)
+        return None
+    return getattr(grpc, step.method)(*step.args, **step.kwargs)
+
+
+class FreeSOLOClient:
     """Blocking client; not for sharing between threads (give each thread its own)."""
 
     def __init__(
@@ -186,96 +295,41 @@ class FreeSOLOClient(_Settings):
         use_shared_memory: bool = False,
         backoff_s: float = 0.1,
     ) -> None:
-        super().__init__(url, model, timeout_s, retries, max_batch, use_shared_memory, backoff_s)
+        self._core = _ClientCore(url, model, timeout_s, retries, max_batch, use_shared_memory, backoff_s)
         self._grpc = grpcclient.InferenceServerClient(url)
         self._lock = threading.Lock()  # guards the shared-memory region and the cached model info
 
-    def _call(self, what: str, send: Callable[[], T], start: int = 0, count: int = 0) -> T:
-        for attempt in range(1, self.retries + 2):
+    @property
+    def region(self) -> InputRegion | None:
+        return self._core.region
+
+    def _run(self, plan: Plan[T]) -> T:
+        """Drive a plan: make its calls, sleep its pauses, hand back results and errors."""
+        with self._lock:
             try:
-                return send()
-            except InferenceServerException as error:
-                if status_name(error) != RETRIED or attempt > self.retries:
-                    raise self.error(error, what, attempt, start, count) from None
-            except SharedMemoryException as error:
-                raise self.error(error, what, attempt) from None
-            time.sleep(self.delay(attempt))
-        raise AssertionError("unreachable")
+                step = next(plan)
+                while True:
+                    try:
+                        outcome = _outcome(step, self._grpc)
+                    except Exception as error:
+                        step = plan.throw(error)
+                    else:
+                        step = plan.send(outcome)
+            except StopIteration as done:
+                return done.value
 
     def info(self) -> ModelInfo:
         """Batch limit, class names and category ids of the served model (fetched once)."""
-        with self._lock:
-            if self._info is None:
-                config = self._call(
-                    "reading the model config",
-                    lambda: self._grpc.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s),
-                )
-                self._info = model_info(config)
-            return self._info
+        return self._run(self._core.info())
 
     def predict(self, images: Sequence[ImageInput]) -> list[list[Detection]]:
         """Detections of each image, in order."""
-        self.check_images(images)
-        size = self.check_batch(self.info())
-        results: list[list[Detection]] = []
-        for start, items in self.chunks(images, size):
-            results += self.detections(self._infer(start, items))
-        return results
-
-    def _infer(self, start: int, items: list[bytes]) -> Any:
-        """One request; the InferResult."""
-        tensor, payload = self.input_tensor(items)
-
-        def send() -> Any:
-            return self._grpc.infer(self.model, [tensor], client_timeout=self.timeout_s)
-
-        what = f"images {start}-{start + len(items) - 1}"
-        if payload is None:
-            return self._call(what, send, start, len(items))
-        with self._lock:
-            self._place(tensor, payload)
-            return self._call(what, send, start, len(items))
-
-    def _place(self, tensor: grpcclient.InferInput, payload: bytes) -> None:
-        """Write the payload to the shared-memory region, (re)registering it when it had to grow."""
-        region = self.region
-        assert region is not None
-        try:
-            stale = region.ensure(len(payload))
-        except SharedMemoryException as error:
-            raise self.error(error, "growing the shared-memory region", 1) from None
-        if stale is not None:
-            self._unregister(stale)
-        if not region.registered:
-            self._call(
-                "registering shared memory (the server must run on this machine)",
-                lambda: self._grpc.register_system_shared_memory(
-                    region.name, region.key, region.capacity, client_timeout=self.timeout_s
-                ),
-            )
-            region.registered = True
-        region.write(payload)
-        tensor.set_shared_memory(region.name, len(payload))
-
-    def _unregister(self, name: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        for attempt in itertools.count(1):  # ends by the deadline
-            try:
-                self._grpc.unregister_system_shared_memory(name, client_timeout=self.timeout_s)
-                return
-            except InferenceServerException as error:
-                if not self.unregister_again(name, error, attempt, deadline):
-                    return
-            time.sleep(self.unregister_pause(attempt))
+        return self._run(self._core.predict(images))
 
     def close(self) -> None:
         """Unregister and unlink the shared-memory region, close the channel."""
-        with self._lock:
-            if self.region is not None:
-                if self.region.registered:
-                    self._unregister(self.region.name)
-                self.region.release()
-            self._grpc.close()
+        self._run(self._core.close())
+        self._grpc.close()
 
     def __enter__(self) -> FreeSOLOClient:
         return self
@@ -284,7 +338,7 @@ class FreeSOLOClient(_Settings):
         self.close()
 
 
-class AsyncFreeSOLOClient(_Settings):
+class AsyncFreeSOLOClient:
     """asyncio client: ``async with AsyncFreeSOLOClient(...) as client: await client.predict(...)``. Concurrent
     ``predict`` calls share one channel; with shared memory they take turns on the region."""
 
@@ -298,105 +352,62 @@ class AsyncFreeSOLOClient(_Settings):
         use_shared_memory: bool = False,
         backoff_s: float = 0.1,
     ) -> None:
-        super().__init__(url, model, timeout_s, retries, max_batch, use_shared_memory, backoff_s)
+        self._core = _ClientCore(url, model, timeout_s, retries, max_batch, use_shared_memory, backoff_s)
         self._grpc: aio_grpcclient.InferenceServerClient | None = None  # made in the running loop
         self._lock: asyncio.Lock | None = None
 
+    @property
+    def region(self) -> InputRegion | None:
+        return self._core.region
+
     def _client(self) -> aio_grpcclient.InferenceServerClient:
         if self._grpc is None:
-            self._grpc = aio_grpcclient.InferenceServerClient(self.url)
+            self._grpc = aio_grpcclient.InferenceServerClient(self._core.url)
             self._lock = asyncio.Lock()
         return self._grpc
 
-    async def _call(self, what: str, send: Callable[[], Awaitable[T]], start: int = 0, count: int = 0) -> T:
-        for attempt in range(1, self.retries + 2):
-            try:
-                return await send()
-            except InferenceServerException as error:
-                if status_name(error) != RETRIED or attempt > self.retries:
-                    raise self.error(error, what, attempt, start, count) from None
-            except SharedMemoryException as error:
-                raise self.error(error, what, attempt) from None
-            await asyncio.sleep(self.delay(attempt))
-        raise AssertionError("unreachable")
+    async def _run(self, plan: Plan[T], exclusive: bool) -> T:
+        """Drive a plan with awaits; ``exclusive`` plans (the shared-memory region's) take turns."""
+        client = self._client()
+        assert self._lock is not None
+        if exclusive:
+            async with self._lock:
+                return await self._drive(plan, client)
+        return await self._drive(plan, client)
+
+    @staticmethod
+    async def _drive(plan: Plan[T], client: aio_grpcclient.InferenceServerClient) -> T:
+        try:
+            step = next(plan)
+            while True:
+                try:
+                    if isinstance(step, Pause):
+                        outcome = await asyncio.sleep(step.seconds)
+                    else:
+                        outcome = await getattr(client, step.method)(*step.args, **step.kwargs)
+                except Exception as error:
+                    step = plan.throw(error)
+                else:
+                    step = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
 
     async def info(self) -> ModelInfo:
         """Batch limit, class names and category ids of the served model (fetched once)."""
-        client = self._client()
-        if self._info is None:
-            config = await self._call(
-                "reading the model config",
-                lambda: client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s),
-            )
-            self._info = model_info(config)
-        return self._info
+        return await self._run(self._core.info(), exclusive=False)
 
     async def predict(self, images: Sequence[ImageInput]) -> list[list[Detection]]:
         """Detections of each image, in order."""
-        self.check_images(images)
-        client = self._client()
-        size = self.check_batch(await self.info())
-        results: list[list[Detection]] = []
-        for start, items in self.chunks(images, size):
-            results += self.detections(await self._infer(client, start, items))
-        return results
-
-    async def _infer(self, client: aio_grpcclient.InferenceServerClient, start: int, items: list[bytes]) -> Any:
-        """One request; the InferResult."""
-        tensor, payload = self.input_tensor(items)
-
-        def send() -> Awaitable[Any]:
-            return client.infer(self.model, [tensor], client_timeout=self.timeout_s)
-
-        what = f"images {start}-{start + len(items) - 1}"
-        if payload is None:
-            return await self._call(what, send, start, len(items))
-        assert self._lock is not None
-        async with self._lock:
-            await self._place(client, tensor, payload)
-            return await self._call(what, send, start, len(items))
-
-    async def _place(self, client: aio_grpcclient.InferenceServerClient, tensor: Any, payload: bytes) -> None:
-        """Write the payload to the shared-memory region, (re)registering it when it had to grow."""
-        region = self.region
-        assert region is not None
-        try:
-            stale = region.ensure(len(payload))
-        except SharedMemoryException as error:
-            raise self.error(error, "growing the shared-memory region", 1) from None
-        if stale is not None:
-            await self._unregister(client, stale)
-        if not region.registered:
-            await self._call(
-                "registering shared memory (the server must run on this machine)",
-                lambda: client.register_system_shared_memory(
-                    region.name, region.key, region.capacity, client_timeout=self.timeout_s
-                ),
-            )
-            region.registered = True
-        region.write(payload)
-        tensor.set_shared_memory(region.name, len(payload))
-
-    async def _unregister(self, client: aio_grpcclient.InferenceServerClient, name: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        for attempt in itertools.count(1):  # ends by the deadline
-            try:
-                await client.unregister_system_shared_memory(name, client_timeout=self.timeout_s)
-                return
-            except InferenceServerException as error:
-                if not self.unregister_again(name, error, attempt, deadline):
-                    return
-            await asyncio.sleep(self.unregister_pause(attempt))
+        return await self._run(self._core.predict(images), exclusive=self._core.region is not None)
 
     async def close(self) -> None:
         """Unregister and unlink the shared-memory region, close the channel."""
-        if self._grpc is not None and self.region is not None and self.region.registered:
-            await self._unregister(self._grpc, self.region.name)
-        if self.region is not None:
-            self.region.release()
         if self._grpc is not None:
+            await self._run(self._core.close(), exclusive=True)
             await self._grpc.close()
             self._grpc = None
+        elif self._core.region is not None:
+            self._core.region.release()
 
     async def __aenter__(self) -> AsyncFreeSOLOClient:
         return self

@@ -26,6 +26,7 @@ class ModelInfo:
     max_batch_size: int
     class_names: list[str]
     category_ids: list[int]
+    dynamic_input: bool = False  # each image on its own canvas: one image per request keeps it so
 
     def category(self, label: int) -> tuple[int, str]:
         """(category id, class name) of a model label; label + 1 when the model carries no ids."""
@@ -49,7 +50,8 @@ def model_info(config: dict[str, Any]) -> ModelInfo:
 
     names = [str(name) for name in listed("class_names")]
     ids = [int(value) for value in listed("category_ids")]
-    return ModelInfo(int(config.get("max_batch_size", 0)), names, ids)
+    dynamic = parameters.get("dynamic_input", {}).get("string_value") == "true"
+    return ModelInfo(int(config.get("max_batch_size", 0)), names, ids, dynamic)
 
 
 def image_detections(outputs: dict[str, np.ndarray], item: int, info: ModelInfo) -> list[Detection]:

@@ -6,11 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
+from training.cli_args import Subcommands
 from training.errors import UserError
-
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
 
 PREPARE_DESCRIPTION = """\
 Write a Triton model repository for an exported ONNX model: the ensemble 'freesolo' (preprocess -> model ->
@@ -32,7 +30,7 @@ id in --ann GT.json matched by file name; file_name names the image) and, with -
 files are sent as they are, other images as PNG."""
 
 
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     """Add ``serve`` and its actions, and ``infer``, to the ``freesolo`` parser."""
     _register_infer(commands)
     serve = commands.add_parser(
@@ -53,7 +51,7 @@ def register(commands: ArgumentGroup) -> None:
     status.set_defaults(handler=run_status)
 
 
-def _register_prepare(actions: ArgumentGroup) -> None:
+def _register_prepare(actions: Subcommands) -> None:
     from serving.repository import FLAVOURS, Settings
 
     defaults = Settings()
@@ -110,7 +108,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_start(actions: ArgumentGroup) -> None:
+def _register_start(actions: Subcommands) -> None:
     from serving.launcher import LOOPBACK, Ports
 
     ports = Ports()
@@ -170,7 +168,7 @@ def run_status(args: argparse.Namespace) -> int:
     return 0 if status["running"] and status.get("ready") else 1
 
 
-def _register_infer(commands: ArgumentGroup) -> None:
+def _register_infer(commands: Subcommands) -> None:
     infer = commands.add_parser(
         "infer",
         help="segment images with a running Triton server (gRPC); COCO results json and overlay pictures",

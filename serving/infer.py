@@ -56,8 +56,7 @@ def served_detections(client: FreeSOLOClient, files: list[Path], batch: int) -> 
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from training.commands import expand_images
-    from training.data.images import read_rgb
+    from training.data.images import expand_images, read_rgb
     from training.fileio import atomic_write_text
     from training.visualize import save_overlay
 

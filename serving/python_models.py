@@ -27,16 +27,24 @@ def parameter(config: dict[str, Any], key: str) -> str:
         raise RuntimeError(f"model {config.get('name')}: config.pbtxt has no parameter {key!r}") from None
 
 
-def input_array(pb: Any, request: Any, name: str, dtype: type, item_shape: Sequence[int]) -> np.ndarray:
-    """Input ``name`` of a request as a numpy array [batch, *item_shape] of ``dtype``, or RequestError."""
+def input_array(
+    pb: Any, request: Any, name: str, dtype: type, item_shape: Sequence[int], max_side: int = 0
+) -> np.ndarray:
+    """Input ``name`` of a request as a numpy array [batch, *item_shape] of ``dtype``, or RequestError. A dim of -1
+    in ``item_shape`` (a dynamic model's H or W) takes any size from 1 to ``max_side``."""
     tensor = pb.get_input_tensor_by_name(request, name)
     if tensor is None:
         raise RequestError(f"input {name!r} is missing")
     array = tensor.as_numpy()
     if array.dtype != np.dtype(dtype):
         raise RequestError(f"input {name!r} has dtype {array.dtype}, expected {np.dtype(dtype)}")
-    if array.ndim != len(item_shape) + 1 or tuple(array.shape[1:]) != tuple(item_shape):
-        raise RequestError(f"input {name!r} has shape {list(array.shape)}, expected [batch, {list(item_shape)}]")
+    fits = array.ndim == len(item_shape) + 1 and all(
+        got == want or (want == -1 and 1 <= got <= max_side)
+        for got, want in zip(array.shape[1:], item_shape, strict=True)
+    )
+    if not fits:
+        bound = f" (-1: 1 to {max_side})" if -1 in item_shape else ""
+        raise RequestError(f"input {name!r} has shape {list(array.shape)}, expected [batch, {list(item_shape)}]{bound}")
     if len(array) == 0:
         raise RequestError(f"input {name!r} is an empty batch")
     return array

@@ -1,8 +1,8 @@
 """``freesolo serve prepare``: the templates of ``serving/model_repository`` -> a ready Triton model repository.
 
-The served input is fixed-size: H x W come from the ONNX model's input shape. A dynamic model is served at
-``--height/--width`` when given, else at the size its metadata records (the preset's test size), so clients never
-need to know the size. K, the input-size policy and the class names come from the model's metadata.
+A fixed-size model is served at its own H x W. A dynamic model is served dynamic (dims -1: each image on its own
+canvas, as ``freesolo predict`` sees it), or at ``--height/--width`` when given. K, the input-size policy and the
+class names come from the model's metadata.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from export.graph_contract import INPUT_NAME, MASK_STRIDE, SIZE_DIVISOR
+from export.graph_contract import INPUT_NAME
 from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
 from training.errors import UserError
+from training.geometry import MASK_STRIDE, SIZE_DIVISOR, round_up
 
 TEMPLATES = Path(__file__).parent / "model_repository"
 FLAVOURS = {"python": "model_python", "onnxruntime": "model_onnxruntime", "tensorrt": "model_tensorrt"}
@@ -29,13 +30,23 @@ NO_ENV = "none"
 class ServedModel:
     """What the configs need to know about the exported model."""
 
-    height: int
+    height: int  # -1 when dynamic
     width: int
     k: int
     test_size: int
     max_size: int
     class_names: list[str]
     category_ids: list[int]
+
+    @property
+    def dynamic(self) -> bool:
+        return self.height == -1
+
+    @property
+    def max_side(self) -> int:
+        """The largest input side the model step accepts: a dynamic model's canvas holds the test resize's longer
+        side (at most ``max_size``), padded to a multiple of 32."""
+        return max(self.height, self.width) if not self.dynamic else round_up(self.max_size)
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
         raise UserError(f"{path} is not a `freesolo export onnx` model (no {missing or [INPUT_NAME]})")
     policy = json.loads(props["freesolo.input_size"])
     dims = [d.dim_value or None for d in inputs[INPUT_NAME].type.tensor_type.shape.dim]
-    height, width = served_size(path, dims[2:], (height, width), (policy["height"], policy["width"]))
+    height, width = served_size(path, dims[2:], (height, width))
     class_names = json.loads(props.get("freesolo.class_names", "[]"))
     category_ids = [int(c) for c in json.loads(props.get("freesolo.category_ids", "[]"))]
     return ServedModel(
@@ -82,17 +93,18 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
     )
 
 
-def served_size(
-    path: Path, model_dims: list[int | None], asked: tuple[int | None, int | None], default: tuple[int, int]
-) -> tuple[int, int]:
-    """A fixed model's own H x W (``--height/--width`` must agree); for a dynamic one, the asked or default size."""
+def served_size(path: Path, model_dims: list[int | None], asked: tuple[int | None, int | None]) -> tuple[int, int]:
+    """A fixed model's own H x W (``--height/--width`` must agree); for a dynamic one, the asked size, or -1 x -1
+    (served dynamic) when none is asked."""
     if (asked[0] is None) != (asked[1] is None):
         raise UserError("give both --height and --width, or neither")
     if None not in model_dims:
         if asked[0] is not None and tuple(asked) != tuple(model_dims):
             raise UserError(f"{path} is fixed at {model_dims[0]}x{model_dims[1]}; --height/--width must match or go")
         return int(model_dims[0]), int(model_dims[1])  # type: ignore[arg-type]
-    height, width = default if asked[0] is None else asked
+    if asked[0] is None:
+        return -1, -1
+    height, width = asked
     for name, value in (("height", height), ("width", width)):
         if value is None or value <= 0 or value % SIZE_DIVISOR:
             raise UserError(f"--{name} must be a positive multiple of {SIZE_DIVISOR}, got {value}")
@@ -121,8 +133,9 @@ def template_values(model: ServedModel, settings: Settings) -> dict[str, str]:
         "K": str(model.k),
         "HEIGHT": str(model.height),
         "WIDTH": str(model.width),
-        "MASK_HEIGHT": str(model.height // MASK_STRIDE),
-        "MASK_WIDTH": str(model.width // MASK_STRIDE),
+        "MASK_HEIGHT": str(model.height // MASK_STRIDE if not model.dynamic else -1),
+        "MASK_WIDTH": str(model.width // MASK_STRIDE if not model.dynamic else -1),
+        "MAX_SIDE": str(model.max_side),
         "MODEL_INSTANCES": str(settings.instances),
         "IO_INSTANCES": str(settings.io_instances),
         "THREADS": str(settings.threads),
@@ -133,8 +146,13 @@ def template_values(model: ServedModel, settings: Settings) -> dict[str, str]:
 
 
 def ensemble_parameters(model: ServedModel) -> str:
-    """Class names and category ids as ensemble parameters, so a client can read them from the model config."""
-    entries = {"class_names": json.dumps(model.class_names), "category_ids": json.dumps(model.category_ids)}
+    """Class names, category ids and whether the input is dynamic as ensemble parameters, so a client can read them
+    from the model config."""
+    entries = {
+        "class_names": json.dumps(model.class_names),
+        "category_ids": json.dumps(model.category_ids),
+        "dynamic_input": json.dumps(model.dynamic),
+    }
     return "".join(
         f'parameters: {{ key: "{key}" value: {{ string_value: "{pbtxt_string(value)}" }} }}\n'
         for key, value in entries.items()
@@ -202,7 +220,7 @@ def prepare_repository(
     if settings.backend != "tensorrt" and plan is not None:
         raise UserError("--plan is for --backend tensorrt only")
     model = read_model(onnx_path, height, width)
-    if model.height % MASK_STRIDE or model.width % MASK_STRIDE:
+    if not model.dynamic and (model.height % MASK_STRIDE or model.width % MASK_STRIDE):
         raise UserError(f"the served size {model.height}x{model.width} must be a multiple of {MASK_STRIDE}")
     clear_target(repo, force)
     values = template_values(model, settings)

@@ -16,14 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.figure import Figure
 
 from benchmarks.reporting import latency_summary, machine, utc_now
-from export.onnx_inputs import OnnxModel, prepare_image
+from export.onnx_inputs import OnnxModel
 from export.parity_cli import run_parity
 from serving.client import FreeSOLOClient
 from training.data.images import read_rgb
 from training.fileio import atomic_write, atomic_write_text
+from training.geometry import prepare_image
 from training.inference import Predictor
 from training.report import stage_table
 from training.results import image_results
@@ -41,7 +43,7 @@ def runtime_paths(checkpoint: Path, onnx: Path, url: str) -> dict[str, Callable[
 
     def pytorch(file: Path) -> list[dict[str, Any]]:
         images, geometry = prepare_image(read_rgb(file), session.policy)
-        dets, _ = predictor.detections(images[None])
+        dets, _ = predictor.detections(torch.from_numpy(images[None]))
         return image_results(
             int(dets.num_dets[0]),
             dets.scores[0].numpy(),

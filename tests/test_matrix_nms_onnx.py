@@ -86,7 +86,7 @@ def test_torch_op_and_adapter_equal_the_reference() -> None:
         assert torch.equal(torch.ops.freesolo.matrix_nms(masks, labels, scores, areas, kernel, 2.0), expected)
         # postprocess's call: int64 labels, areas by keyword
         assert torch.equal(
-            matrix_nms_node(masks, labels.long(), scores, kernel=kernel, sigma=2.0, mask_area=areas), expected
+            matrix_nms_node(masks, labels.long(), scores, kernel=kernel, sigma=DEFAULT_SIGMA, mask_area=areas), expected
         )
     assert torch.equal(matrix_nms_node(masks, labels.long(), scores), torch.from_numpy(reference(case, "gaussian", 2)))
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from training.ops import matrix_nms
+from training.ops.matrix_nms import DEFAULT_SIGMA, EPS
 from triton_plugins.matrix_nms import (
     LIBRARY_NAME,
     PLUGIN_NAME,
@@ -47,7 +48,7 @@ class Case:
     name: str
     n: int
     kernel: str
-    sigma: float = 2.0
+    sigma: float = DEFAULT_SIGMA
     batch: int = 2
     height: int = 16
     width: int = 16
@@ -371,3 +372,16 @@ def test_triton_kernel_on_cuda_matches_reference(case: Case) -> None:
     device = [torch.from_numpy(inputs[key]).cuda() for key in ("masks", "labels", "scores", "areas")]
     decayed = matrix_nms_triton(*device, kernel=case.kernel, sigma=case.sigma)
     check_against_reference(case, inputs, decayed.cpu().numpy())
+
+
+def header_constant(name: str) -> float:
+    """The value of a ``constexpr float NAME = VALUEF;`` in the kernels' shared math header."""
+    found = re.search(rf"constexpr float {name} = ([0-9.eE+-]+)F;", (CUDA_DIR / "matrix_nms_math.h").read_text())
+    assert found, f"{name} is not defined in matrix_nms_math.h"
+    return float(found.group(1))
+
+
+def test_the_cuda_constants_are_the_reference_defaults() -> None:
+    """The C++ side copies two numbers of the Python reference; they must not drift apart."""
+    assert header_constant("kDefaultSigma") == DEFAULT_SIGMA
+    assert header_constant("kMatrixNmsEps") == pytest.approx(EPS, rel=1e-6)

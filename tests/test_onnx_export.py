@@ -16,15 +16,16 @@ import pytest
 import skimage.data
 import torch
 
-from export.graph_contract import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES, fit_within
+from export.graph_contract import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES
 from export.onnx_export import choose_input_size, default_input_size
 from export.parity import Tolerance, compare_outputs, summary
 from training.cli import main
 from training.config import load_preset
 from training.data.batching import pad_to
 from training.data.images import read_rgb
-from training.data.transforms import resize_image, resized_shape, to_tensor_image
+from training.data.transforms import resize_image, to_tensor_image
 from training.errors import UserError
+from training.geometry import fit_within, resized_shape
 from training.inference import Predictor
 
 SIZES = [(128, 128), (160, 192)]

@@ -18,10 +18,11 @@ import skimage.data
 import torch
 
 from export.graph_contract import OUTPUT_NAMES
-from export.onnx_inputs import InputPolicy, OnnxModel, calibration_images, prepare_image
+from export.onnx_inputs import OnnxModel, calibration_images
 from export.parity import greedy_match, mask_iou
 from export.quantize import QDQ_OPS, check_float_post_processing
 from training.cli import main
+from training.geometry import InputPolicy, prepare_image
 from training.inference import Predictor
 from triton_plugins.matrix_nms import onnx_function
 
@@ -51,7 +52,7 @@ def preset_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images(pictures: list[np.ndarray]) -> np.ndarray:
     """Synthetic val scenes (the calibration set's distribution) and photographs (not), as 128 x 128 inputs."""
-    return torch.stack([prepare_image(p, POLICY)[0] for p in pictures]).numpy()
+    return np.stack([prepare_image(p, POLICY)[0] for p in pictures])
 
 
 def op_counts(model: onnx.ModelProto, skip: tuple[str, ...] = ()) -> Counter:

@@ -107,10 +107,16 @@ def test_every_template_is_used_and_python_env_can_be_omitted(stand_in: Path, tm
     assert configs["preprocess"].parameters["test_size"].string_value == "128"
 
 
-def test_dynamic_models_use_the_metadata_size_or_the_asked_one(tmp_path: Path) -> None:
+def test_dynamic_models_are_served_dynamic_or_at_the_asked_size(tmp_path: Path) -> None:
     dynamic = stand_in_onnx(tmp_path / "dynamic.onnx", "height", "width")
     served = prepare_repository(dynamic, tmp_path / "a", Settings())
-    assert (served.height, served.width, served.k) == (160, 224, 7)
+    assert served.dynamic and served.k == 7 and served.max_side == 224  # max_size 224 is a multiple of 32
+    configs = parse_configs(tmp_path / "a")
+    assert tensors(configs["preprocess"].output)["images"][1] == [3, -1, -1]  # each image on its own canvas
+    assert tensors(configs["model"].input)["images"][1] == [3, -1, -1]
+    assert tensors(configs["postprocess"].input)["raw_masks"][1] == [7, -1, -1]
+    assert configs["model"].parameters["max_side"].string_value == "224"
+    assert configs[ENSEMBLE].parameters["dynamic_input"].string_value == "true"
     served = prepare_repository(dynamic, tmp_path / "b", Settings(), height=64, width=320)
     assert (served.height, served.width) == (64, 320)
     with pytest.raises(UserError, match="multiple of 32"):

@@ -5,7 +5,8 @@ clients, bad requests), compare with PyTorch's COCO results for the same checkpo
 that is no repository, a config Triton cannot parse and a model that fails to load.
 
 The model is conftest's ``dynamic_onnx`` (the sharpened ``lively_checkpoint``, so every image has detections to
-compare), which ``serve prepare`` serves at the size its metadata records (128 x 128, the tiny preset's test size)."""
+compare), which ``serve prepare`` serves dynamic: each image on its own canvas, as ``freesolo predict`` sees it; the
+images of one request share one canvas (the largest among them)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from export.graph_contract import fit_within
 from export.parity import greedy_match
 from serving.contract import ENSEMBLE, INPUT, OUTPUT_NAMES
 from serving.launcher import ServerState, read_state
@@ -33,15 +32,15 @@ from serving.processes import family, is_running
 from serving.server_binary import pytriton_root
 from training.cli import main
 from training.data.batching import pad_to
-from training.data.transforms import resize_image, resized_shape, to_tensor_image
+from training.data.transforms import resize_image, to_tensor_image
+from training.geometry import InputPolicy, padded_shape
 from training.inference import Predictor
-from training.results import ImageGeometry, image_results
+from training.results import image_results
 
 grpc = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.skipif(
     pytriton_root() is None and shutil.which("tritonserver") is None, reason="no tritonserver (nvidia-pytriton)"
 )
-SIZE = 128  # the tiny preset's test size: what a dynamic model is served at by default
 
 
 def port_arguments(ports: list[int]) -> list[str]:
@@ -71,22 +70,35 @@ def encode(image: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def reference(lively_checkpoint: Path, pictures: list[np.ndarray]) -> list[list[dict[str, Any]]]:
-    """PyTorch's COCO results of each picture at its original size, from the same fixed-size input the server
-    builds (test resize, fitted into 128 x 128, padded)."""
-    predictor = Predictor.from_checkpoint(lively_checkpoint)
+def predictor(lively_checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(lively_checkpoint)
+
+
+def pytorch_results(predictor: Predictor, images: list[np.ndarray], shared: bool) -> list[list[dict[str, Any]]]:
+    """PyTorch's COCO results of each image at its original size: each on its own canvas (as ``predict``), or
+    ``shared``: all in one batch on the largest canvas among them (as one request to a dynamic server)."""
     config = predictor.config.input
-    inputs, geometries = [], []
-    for image in pictures:
-        size = fit_within(*resized_shape(*image.shape[:2], config.test_size, config.max_size), SIZE, SIZE)
-        inputs.append(pad_to(resize_image(to_tensor_image(image), size), (SIZE, SIZE)))
-        geometries.append(ImageGeometry(*image.shape[:2], *size))
-    dets, _ = predictor.detections(torch.stack(inputs))
-    return [
-        image_results(int(dets.num_dets[i]), dets.scores[i].numpy(), dets.labels[i].numpy(), dets.masks[i].numpy(),
-                      geometries[i], i, predictor.category_ids)
-        for i in range(len(pictures))
-    ]  # fmt: skip
+    policy = InputPolicy(-1, -1, True, config.test_size, config.max_size)
+    geometries = [policy.geometry(*image.shape[:2]) for image in images]
+    inputs = [
+        resize_image(to_tensor_image(image), (g.resized_height, g.resized_width))
+        for image, g in zip(images, geometries, strict=True)
+    ]
+    canvases = [policy.canvas(g) for g in geometries]
+    if shared:
+        canvases = [padded_shape(canvases, divisor=1)] * len(images)
+    results = []
+    for i, (tensor, canvas) in enumerate(zip(inputs, canvases, strict=True)):
+        dets, _ = predictor.detections(pad_to(tensor, canvas)[None])
+        results.append(image_results(int(dets.num_dets[0]), dets.scores[0].numpy(), dets.labels[0].numpy(),
+                                     dets.masks[0].numpy(), geometries[i], i, predictor.category_ids))  # fmt: skip
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(predictor: Predictor, pictures: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+    """PyTorch's COCO results of each picture on its own canvas."""
+    return pytorch_results(predictor, pictures, shared=False)
 
 
 def infer(url: str, images: list[bytes]) -> list[dict[str, np.ndarray]]:
@@ -141,11 +153,12 @@ def test_batch_of_one_matches_pytorch(server: dict, pictures: list[np.ndarray], 
     assert total >= len(pictures)  # the comparison is not of empty sets
 
 
-def test_batch_of_four_matches_pytorch(server: dict, pictures: list[np.ndarray], reference: list) -> None:
-    picks = [4, 5, 0, 6]  # astronaut, coffee, a synthetic scene, chelsea
+def test_batch_of_four_matches_pytorch(server: dict, pictures: list[np.ndarray], predictor: Predictor) -> None:
+    picks = [4, 5, 0, 6]  # astronaut, coffee, a synthetic scene, chelsea: one request, one (the largest) canvas
     served = infer(server["url"], [encode(pictures[i]) for i in picks])
-    for item, index in zip(served, picks, strict=True):
-        assert not differences(item, reference[index], pictures[index]), f"picture {index}"
+    expected = pytorch_results(predictor, [pictures[i] for i in picks], shared=True)
+    for item, index, theirs in zip(served, picks, expected, strict=True):
+        assert not differences(item, theirs, pictures[index]), f"picture {index}"
 
 
 def test_concurrent_clients_get_their_own_answers(server: dict, pictures: list, reference: list) -> None:
@@ -153,8 +166,8 @@ def test_concurrent_clients_get_their_own_answers(server: dict, pictures: list, 
 
     def client(first: int) -> None:
         try:
-            for step in range(3):
-                picks = [(first + step) % len(pictures), (first + 2 * step + 1) % len(pictures)][: 1 + step % 2]
+            for step in range(3):  # one image a request (on its own canvas), batched by the server across clients
+                picks = [(first + 2 * step + step % 2) % len(pictures)]
                 for item, index in zip(infer(server["url"], [encode(pictures[i]) for i in picks]), picks, strict=True):
                     failures.extend(f"client {first}, picture {index}: {p}"
                                     for p in differences(item, reference[index], pictures[index]))  # fmt: skip

@@ -1,4 +1,5 @@
-"""The training package's subcommands: ``data synth``, ``train``, ``eval``, ``predict``."""
+"""The training package's subcommands: ``data synth``, ``pretrain`` (``training.pretrain``), ``train``, ``freemask``,
+``selftrain``, ``pipeline``, ``eval``, ``predict`` and ``export-backbone`` (``training.export_backbone``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.config import Config, apply_overrides, available_presets, config_from_dict, load_preset
+from training.cli_args import Subcommands, add_config_arguments, config_from_arguments, positive_int
+from training.config import apply_overrides, config_from_dict
 from training.data.coco import CocoInstances, ImageFolder
 from training.data.images import IMAGE_SUFFIXES, expand_images, list_images, read_rgb
 from training.errors import UserError
@@ -16,10 +18,8 @@ from training.export_backbone import register as register_export_backbone
 from training.fileio import atomic_write_text
 from training.pretrain import register as register_pretrain
 
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
 
-
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     """Add this package's subcommands to the ``freesolo`` parser."""
     _register_data(commands)
     register_pretrain(commands)
@@ -32,23 +32,7 @@ def register(commands: ArgumentGroup) -> None:
     register_export_backbone(commands)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset and --set, shared by every command that builds a config."""
-    parser.add_argument("--preset", default="tiny", choices=available_presets(), help="config preset (default tiny)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set weak.pairwise_weight=0 (repeatable; see config.yaml of a run)",
-    )
-
-
-def config_from_arguments(args: argparse.Namespace) -> Config:
-    return apply_overrides(load_preset(args.preset), args.set)
-
-
-def _register_freemask(commands: ArgumentGroup) -> None:
+def _register_freemask(commands: Subcommands) -> None:
     freemask = commands.add_parser(
         "freemask",
         help="coarse instance masks without labels (Free Mask)",
@@ -82,14 +66,7 @@ def run_freemask_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _register_data(commands: ArgumentGroup) -> None:
+def _register_data(commands: Subcommands) -> None:
     data = commands.add_parser(
         "data", help="datasets: generate the synthetic default set", description="Dataset tools."
     )
@@ -117,7 +94,7 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_train(commands: ArgumentGroup) -> None:
+def _register_train(commands: Subcommands) -> None:
     train = commands.add_parser(
         "train",
         help="train SOLOv2 on a COCO-format set",
@@ -200,7 +177,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _register_selftrain(commands: ArgumentGroup) -> None:
+def _register_selftrain(commands: Subcommands) -> None:
     selftrain = commands.add_parser(
         "selftrain",
         help="self-training: retrain on the model's own confident predictions",
@@ -239,7 +216,7 @@ def run_selftrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_pipeline(commands: ArgumentGroup) -> None:
+def _register_pipeline(commands: Subcommands) -> None:
     pipeline = commands.add_parser(
         "pipeline",
         help="every unsupervised stage: pretrain -> freemask -> weak training -> self-training (resumable)",
@@ -279,7 +256,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_eval(commands: ArgumentGroup) -> None:
+def _register_eval(commands: Subcommands) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="COCO mask and box AP/AR with pycocotools",
@@ -312,7 +289,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_predict(commands: ArgumentGroup) -> None:
+def _register_predict(commands: Subcommands) -> None:
     predict = commands.add_parser(
         "predict",
         help="segment images; COCO results json and overlay pictures",
@@ -326,10 +303,20 @@ def _register_predict(commands: ArgumentGroup) -> None:
     predict.add_argument(
         "--vis-thr", type=float, default=0.3, metavar="T", help="draw detections with score >= T (default 0.3)"
     )
+    predict.add_argument("--height", type=int, metavar="H", help="predict as a fixed-size export of H x W does")
+    predict.add_argument(
+        "--width",
+        type=int,
+        metavar="W",
+        help="(with --height) fit each image into H x W and pad it to that canvas, as `export onnx --height H "
+        "--width W` and its server do; default: each image on its own canvas (multiples of 32), as a --dynamic "
+        "export does",
+    )
     predict.set_defaults(handler=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from training.geometry import fixed_canvas
     from training.inference import Predictor
     from training.visualize import save_overlay
 
@@ -337,7 +324,7 @@ def run_predict(args: argparse.Namespace) -> int:
     for file in files:
         if file.suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(f"not an image file (by its suffix): {file}")
-    predictor = Predictor.from_checkpoint(args.checkpoint)
+    predictor = Predictor.from_checkpoint(args.checkpoint, fixed_canvas(args.height, args.width))
     dataset = ImageFolder(files, predictor.test_policy)
     results: list[dict[str, Any]] = []
     for batch, batch_results in predictor.iterate(dataset, args.batch_size, not args.no_progress):

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from training.errors import UserError
+from training.geometry import SIZE_DIVISOR
+from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -59,7 +61,7 @@ class InputConfig:
     train_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     test_size: int = 800
     max_size: int = 1333
-    size_divisor: int = 32
+    size_divisor: int = SIZE_DIVISOR
     hflip: bool = True
 
 
@@ -93,8 +95,8 @@ class InferenceConfig:
     nms_pre: int = 500
     update_thr: float = 0.05
     max_per_img: int = 100
-    nms_kernel: str = "gaussian"
-    nms_sigma: float = 2.0
+    nms_kernel: str = DEFAULT_KERNEL
+    nms_sigma: float = DEFAULT_SIGMA
 
 
 @dataclass
@@ -134,7 +136,7 @@ class FreeMaskConfig:
     dilate_res5: bool = False
     query_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     mask_thr: float = 0.5  # tau
-    nms_sigma: float = 2.0
+    nms_sigma: float = DEFAULT_SIGMA
     top_k: int = 20
     score_thr: float = 0.7  # on the decayed maskness
     max_box_fraction: float = 0.95  # drop masks whose box is wider than this share of the image

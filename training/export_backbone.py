@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from training.cli_args import Subcommands
 from training.fileio import atomic_write
 
 FORMATS = ("torchvision", "detectron2")
@@ -37,10 +38,8 @@ formats:
                3x3 conv); ResNet-18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS 64.
 """
 
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
 
-
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     """Add ``export-backbone`` to the ``freesolo`` parser."""
     parser = commands.add_parser(
         "export-backbone",

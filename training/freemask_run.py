@@ -21,13 +21,14 @@ from tqdm import tqdm
 from training.backbone_io import load_backbone
 from training.coarse_json import annotation, image_record, merge
 from training.config import Config
-from training.data.batching import pad_to, padded_size
+from training.data.batching import pad_to
 from training.data.images import read_rgb
-from training.data.transforms import resize_image, resized_shape, to_tensor_image
+from training.data.transforms import resize_image, to_tensor_image
 from training.engine.distributed import DistributedContext
 from training.errors import UserError
 from training.fileio import atomic_write_text
 from training.freemask import backbone_stride, c5_features, coarse_masks
+from training.geometry import padded_shape, resized_shape
 
 
 def parts_dir(out: Path) -> Path:
@@ -78,7 +79,7 @@ def batch_features(backbone: torch.nn.Module, images: list[torch.Tensor], config
     stride = backbone_stride(config.freemask.dilate_res5)
     border = config.freemask.border_cells
     inputs = [border_padded(network_input(image, config), border * stride) for image in images]
-    size = padded_size([tuple(t.shape[-2:]) for t in inputs], stride)
+    size = padded_shape([tuple(t.shape[-2:]) for t in inputs], stride)
     mean, std = torch.tensor(config.model.pixel_mean), torch.tensor(config.model.pixel_std)
     features = c5_features(backbone, torch.stack([pad_to(t, size) for t in inputs]), mean, std)
     return [

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from training.checkpoint import model_from_checkpoint
 from training.config import Config
-from training.data.batching import Batch, collate
+from training.data.batching import Batch, Sample, collate
 from training.data.coco import ResizePolicy
+from training.geometry import padded_shape, same_canvas_batches
 from training.models import SOLOv2
 from training.models.postprocess import Detections, cell_embeddings, postprocess
 from training.results import image_results
@@ -22,18 +23,26 @@ from training.results import image_results
 class Predictor:
     """A model in eval mode with its config and label -> category-id map."""
 
-    def __init__(self, model: SOLOv2, config: Config, category_ids: list[int], class_names: list[str]) -> None:
+    def __init__(
+        self,
+        model: SOLOv2,
+        config: Config,
+        category_ids: list[int],
+        class_names: list[str],
+        canvas: tuple[int, int] | None = None,
+    ) -> None:
         self.model = model.eval()
         self.config = config
         self.category_ids = category_ids
         self.class_names = class_names
+        self.canvas = canvas  # predict as a fixed-size export of this H x W does (None: each image its own canvas)
 
     @classmethod
-    def from_checkpoint(cls, path: Path) -> Predictor:
+    def from_checkpoint(cls, path: Path, canvas: tuple[int, int] | None = None) -> Predictor:
         model, config, metadata = model_from_checkpoint(path)
         category_ids = metadata.get("category_ids") or list(range(1, config.model.num_classes + 1))
         class_names = metadata.get("class_names") or [str(c) for c in category_ids]
-        return cls(model, config, category_ids, class_names)
+        return cls(model, config, category_ids, class_names, canvas)
 
     @property
     def names_by_category(self) -> dict[int, str]:
@@ -41,7 +50,7 @@ class Predictor:
 
     @property
     def test_policy(self) -> ResizePolicy:
-        return ResizePolicy((self.config.input.test_size,), self.config.input.max_size)
+        return ResizePolicy((self.config.input.test_size,), self.config.input.max_size, canvas=self.canvas)
 
     @torch.inference_mode()
     def detections(self, images: torch.Tensor, with_embeddings: bool = False) -> tuple[Detections, torch.Tensor | None]:
@@ -75,14 +84,17 @@ class Predictor:
             for i in range(len(batch.image_ids))
         ]
 
-    def loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        """Batches of a dataset in order, padded to the model's size divisor."""
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            collate_fn=lambda s: collate(s, self.config.input.size_divisor),
-        )
+    def loader(self, dataset: Dataset, batch_size: int) -> Iterator[Batch]:
+        """Batches of a dataset in order, each of images that share one canvas: padding an image further for the
+        sake of another would change its detections (``training.geometry``)."""
+        divisor = self.config.input.size_divisor
+
+        def canvas(sample: Sample) -> tuple[int, int]:
+            return self.canvas or padded_shape([tuple(sample.image.shape[-2:])], divisor)
+
+        samples = (dataset[index] for index in range(len(dataset)))  # type: ignore[arg-type]
+        for group in same_canvas_batches(samples, canvas, batch_size):
+            yield collate(group, divisor, self.canvas)
 
     def iterate(
         self,
@@ -93,10 +105,10 @@ class Predictor:
         with_embeddings: bool = False,
     ) -> Iterator[tuple[Batch, list[list[dict[str, Any]]]]]:
         """Batches of a dataset with their results, with a progress bar."""
-        for batch in tqdm(
-            self.loader(dataset, batch_size), desc=desc, unit="batch", disable=not progress, dynamic_ncols=True
-        ):
-            yield batch, self.batch_results(batch, with_embeddings)
+        with tqdm(total=len(dataset), desc=desc, unit="image", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in self.loader(dataset, batch_size):
+                yield batch, self.batch_results(batch, with_embeddings)
+                bar.update(len(batch.image_ids))
 
     def dataset_results(
         self, dataset: Dataset, batch_size: int = 8, progress: bool = True, desc: str = "eval"

@@ -10,17 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.cli_args import Subcommands, add_config_arguments, positive_int
 from training.config import Config, apply_overrides, config_from_dict, load_preset
 from training.errors import UserError
 
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
 
-
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     """Add ``pretrain`` to the ``freesolo`` parser."""
-    # Imported here, not at the top: training.commands imports this module.
-    from training.commands import add_config_arguments, positive_int
-
     pretrain = commands.add_parser(
         "pretrain",
         help="DenseCL self-supervised pre-training of the backbone on unlabeled images",

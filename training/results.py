@@ -8,23 +8,12 @@ original size, then thresholds at 0.5. Both resizes are bilinear (half-pixel cen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-MASK_STRIDE = 4
-
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """How one image became a network input: original size, and the resized size before padding."""
-
-    original_height: int
-    original_width: int
-    resized_height: int
-    resized_width: int
+from training.geometry import MASK_STRIDE, ImageGeometry
 
 
 def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:

@@ -23,9 +23,10 @@ from training.data.coco import CocoInstances
 from training.data.views import chance, photometric, uniform
 from training.engine.trainer import LossFunction
 from training.errors import UserError
+from training.geometry import MASK_STRIDE
 from training.models.losses import Positives, category_loss, dice_loss, positives, zero_mask_loss
 from training.models.solov2 import SOLOv2Output
-from training.models.targets import MASK_STRIDE, build_targets
+from training.models.targets import build_targets
 from training.models.weak_losses import (
     box_fill,
     embedding_loss,

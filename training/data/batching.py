@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from training.results import ImageGeometry
+from training.geometry import SIZE_DIVISOR, ImageGeometry, padded_shape
 
 
 @dataclass
@@ -33,19 +32,14 @@ class Batch:
     embeddings: list[torch.Tensor | None]
 
 
-def padded_size(sizes: list[tuple[int, int]], divisor: int) -> tuple[int, int]:
-    """Smallest (H, W) that holds every size and is a multiple of ``divisor``."""
-    height = max(h for h, _ in sizes)
-    width = max(w for _, w in sizes)
-    return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
-
-
 def pad_to(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.pad(tensor, (0, size[1] - tensor.shape[-1], 0, size[0] - tensor.shape[-2]))
 
 
-def collate(samples: list[Sample], size_divisor: int = 32) -> Batch:
-    size = padded_size([tuple(s.image.shape[-2:]) for s in samples], size_divisor)
+def collate(samples: list[Sample], size_divisor: int = SIZE_DIVISOR, canvas: tuple[int, int] | None = None) -> Batch:
+    """One batch, padded to ``canvas`` when given (a fixed-size graph's), else to the smallest multiple of
+    ``size_divisor`` that holds every image."""
+    size = canvas or padded_shape([tuple(s.image.shape[-2:]) for s in samples], size_divisor)
     return Batch(
         images=torch.stack([pad_to(s.image, size) for s in samples]),
         masks=[pad_to(s.masks, size) for s in samples],

@@ -18,18 +18,20 @@ from torch.utils.data import Dataset
 
 from training.data.batching import Sample
 from training.data.images import list_images, read_rgb
-from training.data.transforms import hflip, resize_image, resize_masks, resized_shape, to_tensor_image
+from training.data.transforms import hflip, resize_image, resize_masks, to_tensor_image
 from training.errors import UserError
-from training.results import ImageGeometry
+from training.geometry import ImageGeometry, fit_within, resized_shape
 
 
 @dataclass(frozen=True)
 class ResizePolicy:
-    """Shorter side to one of ``sizes`` (chosen at random when training), longer side at most ``max_size``."""
+    """Shorter side to one of ``sizes`` (chosen at random when training), longer side at most ``max_size``; with a
+    ``canvas`` (a fixed-size graph's H x W, at test time), then fitted into it (``training.geometry``)."""
 
     sizes: tuple[int, ...]
     max_size: int
     hflip: bool = False
+    canvas: tuple[int, int] | None = None
 
 
 def load_annotation_file(path: Path) -> dict[str, Any]:
@@ -194,6 +196,8 @@ def transform_sample(
     if generator is not None and len(policy.sizes) > 1:
         short_side = policy.sizes[int(torch.randint(len(policy.sizes), (1,), generator=generator))]
     size = resized_shape(height, width, short_side, policy.max_size)
+    if policy.canvas is not None:
+        size = fit_within(*size, *policy.canvas)
     image, masks = resize_image(image, size), resize_masks(masks, size)
     if generator is not None and policy.hflip and torch.rand((), generator=generator) < 0.5:
         image, masks = hflip(image, masks)

@@ -1,5 +1,5 @@
-"""Resize and flip that keep masks aligned with their image, plus the resize policy shared by training,
-evaluation, prediction and serving (shorter side to a target, longer side capped)."""
+"""Resize and flip of torch images that keep masks aligned with their image (the sizes come from
+``training.geometry``)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``."""
-    scale = short_side / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+from training.geometry import resize_rgb
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
@@ -22,11 +16,11 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of a [3, H, W] uint8 image."""
+    """Bilinear, antialiased resize of a [3, H, W] uint8 image: ``training.geometry.resize_rgb``, the one image
+    resize of every runtime (served inputs equal PyTorch's to the pixel)."""
     if tuple(image.shape[-2:]) == size:
         return image
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    return torch.from_numpy(resize_rgb(image.permute(1, 2, 0).numpy(), size)).permute(2, 0, 1).contiguous()
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

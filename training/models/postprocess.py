@@ -10,18 +10,16 @@ re-scoring. The two agree whenever at most ``nms_pre`` (cell, class) pairs pass 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from training.config import InferenceConfig
+from training.geometry import MASK_STRIDE
 from training.models.solov2 import SOLOv2Output
-from training.models.targets import MASK_STRIDE
 from training.ops import matrix_nms
-
-NmsFunction = Callable[..., torch.Tensor]
+from training.ops.matrix_nms import MaskNms
 
 
 class Detections(NamedTuple):
@@ -79,7 +77,7 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def postprocess(
-    output: SOLOv2Output, config: InferenceConfig, strides: list[int], nms: NmsFunction = matrix_nms
+    output: SOLOv2Output, config: InferenceConfig, strides: list[int], nms: MaskNms = matrix_nms
 ) -> Detections:
     """Raw SOLOv2 outputs -> fixed-K detections. ``nms`` is swappable so the export can put its own node there."""
     scores, kernels, cell_strides = flatten_levels(output, strides)

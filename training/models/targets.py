@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MASK_STRIDE = 4
+from training.geometry import MASK_STRIDE
 
 
 @dataclass

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from training.ops.matrix_nms import KERNELS, masks_iou
+from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA, KERNELS, masks_iou
 
 IOU_THRESHOLD = 0.5
 
@@ -63,8 +63,8 @@ def soft_nms_decay(
     labels: torch.Tensor,
     scores: torch.Tensor,
     *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> torch.Tensor:
     """Soft-NMS from the IoU matrix [..., N, N]: repeatedly pick the unpicked mask of highest *current* score and
@@ -95,8 +95,8 @@ def greedy_mask_nms(
     labels: torch.Tensor,
     scores: torch.Tensor,
     *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
     mask_area: torch.Tensor | None = None,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> torch.Tensor:
@@ -111,8 +111,8 @@ def soft_mask_nms(
     labels: torch.Tensor,
     scores: torch.Tensor,
     *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
     mask_area: torch.Tensor | None = None,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> torch.Tensor:

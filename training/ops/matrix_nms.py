@@ -11,10 +11,33 @@ Linear-kernel guard: three identical same-label masks make the reference formula
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 EPS = 1e-6
 KERNELS = ("gaussian", "linear")
+# The defaults of every Matrix NMS in the project (config, ONNX node, Triton kernel, TensorRT plugin: the plugin's
+# C++ copy in cuda/matrix_nms_math.h is asserted equal by tests/test_matrix_nms_plugin.py).
+DEFAULT_KERNEL = "gaussian"
+DEFAULT_SIGMA = 2.0
+
+
+class MaskNms(Protocol):
+    """The signature every mask NMS here shares (``matrix_nms``, ``greedy_mask_nms``, ``soft_mask_nms`` and the
+    exported node ``triton_plugins.matrix_nms.torch_op.matrix_nms_node``), so ``postprocess`` takes any of them:
+    masks [..., N, H, W], labels [..., N] and score-sorted scores [..., N] -> decayed scores [..., N]."""
+
+    def __call__(
+        self,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        scores: torch.Tensor,
+        *,
+        kernel: str = DEFAULT_KERNEL,
+        sigma: float = DEFAULT_SIGMA,
+        mask_area: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 def pairwise_mask_iou(masks: torch.Tensor, areas: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,8 +61,8 @@ def matrix_nms(
     labels: torch.Tensor,
     scores: torch.Tensor,
     *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
     mask_area: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decayed scores of masks sorted by score, descending.
@@ -61,7 +84,12 @@ def matrix_nms(
 
 
 def matrix_nms_decay(
-    iou: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, *, kernel: str = "gaussian", sigma: float = 2.0
+    iou: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
 ) -> torch.Tensor:
     """The decay step alone, from the IoU matrix [..., N, N] of score-sorted masks: the part the SOLOv2 paper times
     (500 masks in < 1 ms, IoU matrix excluded), split out so that benchmarks can time it on its own."""

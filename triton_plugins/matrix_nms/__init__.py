@@ -8,7 +8,8 @@
 
 The reference they all equal is ``training.ops.matrix_nms`` (called with ``mask_area=areas``). The contract:
 inputs ``masks`` float32 [B, N, H, W], ``labels`` int32 [B, N], ``scores`` float32 [B, N], ``areas`` float32 [B, N];
-output ``decayed_scores`` float32 [B, N]; attributes ``kernel`` ("gaussian" | "linear") and ``sigma`` (float, 2.0).
+output ``decayed_scores`` float32 [B, N]; attributes ``kernel`` ("gaussian" | "linear") and ``sigma`` (float,
+default ``DEFAULT_SIGMA`` = 2.0, the reference's).
 
 ``matrix_nms_triton`` is imported lazily so that reading the contract constants does not import triton.
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA
 
 if TYPE_CHECKING:
     from .kernel import matrix_nms_triton
@@ -29,8 +32,6 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 INPUT_NAMES = ("masks", "labels", "scores", "areas")
 OUTPUT_NAMES = ("decayed_scores",)
-DEFAULT_KERNEL = "gaussian"
-DEFAULT_SIGMA = 2.0
 LIBRARY_NAME = "libfreesolo_matrix_nms_plugin.so"
 SOURCE_DIR = Path(__file__).resolve().parent  # holds cuda/ and plugin/ (build with plugin/CMakeLists.txt)
 

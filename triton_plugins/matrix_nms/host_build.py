@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from triton_plugins.matrix_nms import SOURCE_DIR
+from triton_plugins.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA, SOURCE_DIR
 
 CUDA_DIR = SOURCE_DIR / "cuda"
 HOST_SOURCE = CUDA_DIR / "matrix_nms_host.cpp"
@@ -52,7 +52,7 @@ def load_host_library(library: Path) -> ctypes.CDLL:
 
 
 def run_host(
-    lib: ctypes.CDLL, inputs: dict[str, np.ndarray], kernel: str = "gaussian", sigma: float = 2.0
+    lib: ctypes.CDLL, inputs: dict[str, np.ndarray], kernel: str = DEFAULT_KERNEL, sigma: float = DEFAULT_SIGMA
 ) -> tuple[int, np.ndarray]:
     """Runs the host build on the node's inputs (``masks`` float32 [B, N, H, W], ``labels`` int32 [B, N],
     ``scores`` and ``areas`` float32 [B, N]); returns its status (0 ok, 1 invalid) and the decayed scores, NaN where

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA
+
 EPS = 1e-6  # training.ops.matrix_nms.EPS
 KERNELS = ("gaussian", "linear")
 
@@ -177,8 +179,8 @@ def matrix_nms_triton(
     labels: torch.Tensor,
     scores: torch.Tensor,
     areas: torch.Tensor,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
 ) -> torch.Tensor:
     """Decayed scores [B, N] for the MatrixNMS node contract, equal to
     ``training.ops.matrix_nms(masks, labels, scores, kernel=kernel, sigma=sigma, mask_area=areas)``.

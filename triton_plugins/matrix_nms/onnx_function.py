@@ -11,7 +11,7 @@ Contract (fixed; the TensorRT plugin is written against it):
 | input | areas | float32 | [B, N] |
 | output | decayed_scores | float32 | [B, N] |
 | attribute | kernel | string | "gaussian" or "linear" |
-| attribute | sigma | float | default 2.0 |
+| attribute | sigma | float | default ``DEFAULT_SIGMA`` (2.0) |
 
 How it gets into a model: the exporter turns ``torch.ops.freesolo.matrix_nms`` into a bare node (``translate``), and
 ``attach_function`` adds the body afterwards. Adding the body during export would not survive it: the exporter's
@@ -26,7 +26,7 @@ from onnx.defs import OpSchema
 from onnxscript import FLOAT, INT32, ir
 from onnxscript import opset20 as op
 
-from training.ops.matrix_nms import EPS, KERNELS
+from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA, EPS, KERNELS
 from triton_plugins.matrix_nms import INPUT_NAMES, OUTPUT_NAMES
 from triton_plugins.matrix_nms import ONNX_DOMAIN as DOMAIN
 from triton_plugins.matrix_nms import ONNX_OP_TYPE as NAME
@@ -39,6 +39,8 @@ OPSET = 20
 freesolo_opset = onnxscript.values.Opset(DOMAIN, VERSION)
 
 
+# onnxscript reads the default from the source, so it is a literal here: DEFAULT_SIGMA (the test of the function
+# schema asserts they agree).
 @onnxscript.script(freesolo_opset, default_opset=op)
 def MatrixNMS(masks: FLOAT, labels: INT32, scores: FLOAT, areas: FLOAT, kernel: str, sigma: float = 2.0) -> FLOAT:
     """Decayed scores [B, N]; the same algebra as ``training.ops.matrix_nms`` (its docstring says why)."""
@@ -79,7 +81,7 @@ def _schema() -> OpSchema:
         outputs=[param("decayed_scores", "tensor(float)")],
         attributes=[
             OpSchema.Attribute("kernel", OpSchema.AttrType.STRING, "gaussian or linear", required=True),
-            OpSchema.Attribute("sigma", onnx.helper.make_attribute("sigma", 2.0), "gaussian strength"),
+            OpSchema.Attribute("sigma", onnx.helper.make_attribute("sigma", DEFAULT_SIGMA), "gaussian strength"),
         ],
     )
 
@@ -113,7 +115,9 @@ def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def standalone_model(num_masks: int | None = None, kernel: str = "gaussian", sigma: float = 2.0) -> onnx.ModelProto:
+def standalone_model(
+    num_masks: int | None = None, kernel: str = DEFAULT_KERNEL, sigma: float = DEFAULT_SIGMA
+) -> onnx.ModelProto:
     """A model of one MatrixNMS node (dynamic B, N, H, W unless ``num_masks`` fixes N): tests and benchmarks run the
     function alone with it."""
     n = num_masks if num_masks is not None else "N"

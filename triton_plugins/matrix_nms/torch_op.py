@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from training.ops import matrix_nms as reference_matrix_nms
+from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA
 
 
 @torch.library.custom_op("freesolo::matrix_nms", mutates_args=(), device_types="cpu")
@@ -43,8 +44,8 @@ def matrix_nms_node(
     labels: torch.Tensor,
     scores: torch.Tensor,
     *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
+    kernel: str = DEFAULT_KERNEL,
+    sigma: float = DEFAULT_SIGMA,
     mask_area: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``postprocess``'s NMS signature on top of the op: labels become int32 and areas are computed when missing,

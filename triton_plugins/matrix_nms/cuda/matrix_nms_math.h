@@ -25,6 +25,9 @@ namespace freesolo
 //! Clamp for the IoU union and the linear kernel's compensation denominator (training.ops.matrix_nms.EPS).
 constexpr float kMatrixNmsEps = 1e-6F;
 
+//! Default gaussian strength (training.ops.matrix_nms.DEFAULT_SIGMA; a test asserts they agree).
+constexpr float kDefaultSigma = 2.0F;
+
 //! Side of the square intersection tile: one thread block of kTile x kTile threads computes a tile of I = X X^T.
 constexpr int32_t kTile = 16;
 

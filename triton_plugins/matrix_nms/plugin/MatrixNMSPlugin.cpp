@@ -251,7 +251,7 @@ nvinfer1::IPluginV3* MatrixNMSPluginCreator::createPlugin(
     try
     {
         std::string kernel = "gaussian";
-        float sigma = 2.0F;
+        float sigma = kDefaultSigma;
         for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
         {
             nvinfer1::PluginField const& field = fc->fields[i];

@@ -1,6 +1,7 @@
 """Triton python model ``model``: the exported ONNX graph (model.onnx beside this file) in ONNX Runtime on the CPU.
 
-All valid requests the dynamic batcher hands over run as one ONNX Runtime call; a malformed request fails alone."""
+All valid requests the dynamic batcher hands over run as one ONNX Runtime call per input size (a dynamic model's
+requests may differ in H x W); a malformed request fails alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
+from export.onnx_inputs import session_options
 from serving.python_models import RequestError, error_response, input_array, log_error, parameter, response
+from training.geometry import SIZE_DIVISOR
 
 
 class TritonPythonModel:
@@ -22,32 +25,38 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         if not path.is_file():
             raise FileNotFoundError(f"model: {path} not found (run `freesolo serve prepare` again)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameter(config, "intra_op_thread_count"))
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(int(parameter(config, "intra_op_thread_count")))
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.item_shape = tuple(int(d) for d in pb_utils.get_input_config_by_name(config, INPUT_NAME)["dims"])
+        self.max_side = int(parameter(config, "max_side"))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        batches: list[tuple[int, np.ndarray]] = []
+        by_size: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for index, request in enumerate(requests):
             try:
-                batches.append((index, input_array(pb_utils, request, INPUT_NAME, np.uint8, self.item_shape)))
+                images = input_array(pb_utils, request, INPUT_NAME, np.uint8, self.item_shape, self.max_side)
+                if any(side % SIZE_DIVISOR for side in images.shape[2:]):
+                    raise RequestError(f"input images are {list(images.shape)}: H and W must be multiples of 32")
+                by_size.setdefault(images.shape[1:], []).append((index, images))
             except RequestError as error:
                 responses[index] = error_response(pb_utils, f"model: {error}")
-        if batches:
-            try:
-                images = np.concatenate([images for _, images in batches])
-                outputs = dict(zip(OUTPUT_NAMES, self.session.run(None, {INPUT_NAME: images}), strict=True))
-                outputs["num_dets"] = outputs["num_dets"].reshape(-1, 1)  # [B] in the graph, [B, 1] in Triton
-                start = 0
-                for index, chunk in batches:
-                    stop = start + len(chunk)
-                    responses[index] = response(pb_utils, {n: a[start:stop] for n, a in outputs.items()})
-                    start = stop
-            except Exception as error:
-                log_error(pb_utils, f"model: {type(error).__name__}: {error}")
-                for index, _ in batches:
-                    responses[index] = error_response(pb_utils, f"model: ONNX Runtime failed ({error})", "INTERNAL")
+        for batches in by_size.values():
+            self.run(batches, responses)
         return responses
+
+    def run(self, batches: list[tuple[int, np.ndarray]], responses: list[Any]) -> None:
+        """One ONNX Runtime call for requests of one input size; fills their responses."""
+        try:
+            images = np.concatenate([images for _, images in batches])
+            outputs = dict(zip(OUTPUT_NAMES, self.session.run(None, {INPUT_NAME: images}), strict=True))
+            outputs["num_dets"] = outputs["num_dets"].reshape(-1, 1)  # [B] in the graph, [B, 1] in Triton
+            start = 0
+            for index, chunk in batches:
+                stop = start + len(chunk)
+                responses[index] = response(pb_utils, {n: a[start:stop] for n, a in outputs.items()})
+                start = stop
+        except Exception as error:
+            log_error(pb_utils, f"model: {type(error).__name__}: {error}")
+            for index, _ in batches:
+                responses[index] = error_response(pb_utils, f"model: ONNX Runtime failed ({error})", "INTERNAL")

@@ -11,7 +11,8 @@ import triton_python_backend_utils as pb_utils
 
 from serving.contract import GEOMETRY
 from serving.detections import OutputError, image_outputs
-from serving.python_models import Arrays, RequestError, input_array, respond_each, stack_outputs
+from serving.python_models import Arrays, RequestError, input_array, parameter, respond_each, stack_outputs
+from training.geometry import MASK_STRIDE
 
 
 class TritonPythonModel:
@@ -20,7 +21,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         masks = pb_utils.get_input_config_by_name(config, "raw_masks")["dims"]
-        self.k, self.mask_size = int(masks[0]), tuple(int(d) for d in masks[1:])
+        self.k, self.mask_size = int(masks[0]), tuple(int(d) for d in masks[1:])  # -1: a dynamic model's
+        self.max_mask_side = int(parameter(config, "max_side")) // MASK_STRIDE
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, "postprocess", requests, self.handle)
@@ -30,7 +32,7 @@ class TritonPythonModel:
         num_dets = input_array(pb_utils, request, "raw_num_dets", np.int32, (1,))
         scores = input_array(pb_utils, request, "raw_scores", np.float32, (k,))
         labels = input_array(pb_utils, request, "raw_labels", np.int32, (k,))
-        masks = input_array(pb_utils, request, "raw_masks", np.uint8, (k, *self.mask_size))
+        masks = input_array(pb_utils, request, "raw_masks", np.uint8, (k, *self.mask_size), self.max_mask_side)
         geometry = input_array(pb_utils, request, GEOMETRY, np.int32, (4,))
         batch = {len(a) for a in (num_dets, scores, labels, masks, geometry)}
         if len(batch) != 1:

@@ -1,17 +1,24 @@
-"""Triton python model ``preprocess``: encoded image bytes -> the model's fixed-size uint8 input and each image's
-geometry. The logic (guarded decoding, the test resize) is in ``serving.imaging``."""
+"""Triton python model ``preprocess``: encoded image bytes -> the model's uint8 input and each image's geometry.
+Decoding is ``serving.imaging``'s (guarded); the resize and padding are ``training.geometry``'s, as everywhere.
+
+A fixed-size model gets every image on its H x W canvas. A dynamic one (dims -1) gets each image on its own canvas
+(multiples of 32), like ``freesolo predict``; the images of one request must share one input tensor, so they are
+padded to the largest canvas among them (which changes their detections: the client library sends one image per
+request to a dynamic model)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import astuple
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.contract import GEOMETRY, INPUT
-from serving.imaging import ImageError, InputPolicy, decode_image, prepare_image
-from serving.python_models import Arrays, RequestError, input_array, parameter, respond_each, stack_outputs
+from serving.imaging import ImageError, decode_image
+from serving.python_models import Arrays, RequestError, input_array, parameter, respond_each
+from training.geometry import InputPolicy, pad_array, padded_shape, prepare_image
 
 
 class TritonPythonModel:
@@ -20,23 +27,27 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         height, width = (int(d) for d in pb_utils.get_output_config_by_name(config, "images")["dims"][1:])
-        self.policy = InputPolicy(
-            height, width, int(parameter(config, "test_size")), int(parameter(config, "max_size"))
-        )
+        test_size, max_size = int(parameter(config, "test_size")), int(parameter(config, "max_size"))
+        self.policy = InputPolicy(height, width, height == -1, test_size, max_size)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, "preprocess", requests, self.handle)
 
     def handle(self, request: Any) -> Arrays:
         encoded = input_array(pb_utils, request, INPUT, np.object_, (1,))
-        items = []
+        inputs, geometries = [], []
         for index, data in enumerate(encoded[:, 0]):
             where = f"image {index} of {len(encoded)}" if len(encoded) > 1 else "image"
             if not isinstance(data, bytes):
                 raise RequestError(f"{where}: expected bytes, got {type(data).__name__}")
             try:
-                images, geometry = prepare_image(decode_image(data), self.policy)
+                image, geometry = prepare_image(decode_image(data), self.policy)
             except ImageError as error:
                 raise RequestError(f"{where}: {error}") from None
-            items.append({"images": images, GEOMETRY: geometry})
-        return stack_outputs(items)
+            inputs.append(image)
+            geometries.append(astuple(geometry))
+        canvas = padded_shape([image.shape[1:] for image in inputs], divisor=1)  # the one canvas of a fixed model
+        return {
+            "images": np.stack([pad_array(image, canvas) for image in inputs]),
+            GEOMETRY: np.array(geometries, dtype=np.int32),
+        }

@@ -1,0 +1,176 @@
+"""Image geometry, defined once for every runtime: how an image of any size becomes a network input and how the
+network's stride-4 masks map back onto it.
+
+One policy, three steps (docs/architecture.md, "One image, end to end"):
+
+1. the test resize: shorter side to ``test_size``, longer side at most ``max_size`` (``resized_shape``);
+2. a fixed-size graph (``InputPolicy.dynamic`` False) scales that down until it fits its ``height`` x ``width``
+   (``fit_within``); a dynamic graph, PyTorch and training keep it;
+3. padding bottom/right with zeros to the canvas: the fixed graph's ``height`` x ``width``, or the next multiples of
+   ``SIZE_DIVISOR`` (``padded_shape``).
+
+Padding is part of the prediction, not a detail: GroupNorm statistics and the SOLO grids cover the whole canvas, so
+an image padded to a larger canvas gets different detections. Every entry point (``freesolo predict``, evaluation,
+ONNX Runtime, Triton) therefore gives each image its own canvas; batches hold images of one canvas only.
+
+Torch-free (numpy only): the serving side imports it too. ``ImageGeometry`` records what the mapping back needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from training.errors import UserError
+
+SIZE_DIVISOR = 32  # every network input side is a multiple of this (the coarsest FPN stride)
+MASK_STRIDE = 4  # the mask features' and the graph contract's masks' stride
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How one image became a network input: original size, and the resized size before padding."""
+
+    original_height: int
+    original_width: int
+    resized_height: int
+    resized_width: int
+
+
+def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``."""
+    scale = short_side / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def fit_within(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
+    """Scale a resized image down, keeping its aspect, until it fits a fixed-size graph's H x W."""
+    scale = min(1.0, max_height / height, max_width / width)
+    if scale == 1.0:
+        return height, width
+    return max(1, min(max_height, round(height * scale))), max(1, min(max_width, round(width * scale)))
+
+
+def round_up(value: int, divisor: int = SIZE_DIVISOR) -> int:
+    return math.ceil(value / divisor) * divisor
+
+
+def padded_shape(sizes: list[tuple[int, int]], divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """Smallest (H, W) that holds every size and is a multiple of ``divisor``."""
+    return round_up(max(h for h, _ in sizes), divisor), round_up(max(w for _, w in sizes), divisor)
+
+
+def fixed_canvas(height: int | None, width: int | None) -> tuple[int, int] | None:
+    """``--height/--width`` as a fixed canvas (both or neither; positive multiples of ``SIZE_DIVISOR``)."""
+    if height is None and width is None:
+        return None
+    if height is None or width is None:
+        raise UserError("give both --height and --width, or neither")
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % SIZE_DIVISOR:
+            raise UserError(f"--{name} must be a positive multiple of {SIZE_DIVISOR}, got {value}")
+    return height, width
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How an image becomes a network input: the test resize (``test_size``, ``max_size``), then, for a fixed-size
+    graph, fitted into ``height`` x ``width`` and padded to it; for a dynamic one (and PyTorch), padded to multiples of
+    ``SIZE_DIVISOR``."""
+
+    height: int
+    width: int
+    dynamic: bool
+    test_size: int
+    max_size: int
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str]) -> InputPolicy:
+        """The policy an exported model records in its ``freesolo.input_size`` metadata."""
+        if "freesolo.input_size" not in props:
+            raise UserError("the ONNX model has no freesolo.input_size metadata (not exported by freesolo?)")
+        size = json.loads(props["freesolo.input_size"])
+        return cls(size["height"], size["width"], bool(size["dynamic"]), size["test_size"], size["max_size"])
+
+    def geometry(self, height: int, width: int) -> ImageGeometry:
+        """An image's geometry under this policy: its original size and the size it is resized to."""
+        size = resized_shape(height, width, self.test_size, self.max_size)
+        if not self.dynamic:
+            size = fit_within(*size, self.height, self.width)
+        return ImageGeometry(height, width, *size)
+
+    def canvas(self, geometry: ImageGeometry) -> tuple[int, int]:
+        """The padded input size of an image with this geometry."""
+        if not self.dynamic:
+            return self.height, self.width
+        return padded_shape([(geometry.resized_height, geometry.resized_width)])
+
+
+def resample_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out, in] weights of 1-D antialiased bilinear resampling: a triangle filter widened by the downscale factor,
+    half-pixel centres, weights renormalised at the borders (what torch computes with ``antialias=True``)."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)  # the triangle's half-width in input pixels
+    centres = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((centres - support + 0.5).astype(np.int64), 0)
+    last = np.minimum((centres + support + 0.5).astype(np.int64), in_size)
+    columns = np.arange(in_size)
+    inside = (columns[None, :] >= first[:, None]) & (columns[None, :] < last[:, None])
+    weights = np.clip(1.0 - np.abs((columns[None, :] - centres[:, None] + 0.5) / support), 0.0, None) * inside
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[H, W, 3] uint8 -> [h, w, 3] uint8, antialiased bilinear in float32, rounded half to even (as torch's
+    ``training.data.transforms.resize_image``). One channel at a time, width first, so a large photograph never
+    exists as a full float copy."""
+    if image.shape[:2] == tuple(size):
+        return image
+    rows = resample_matrix(size[0], image.shape[0]).astype(np.float32)
+    cols_t = resample_matrix(size[1], image.shape[1]).astype(np.float32).T
+    out = np.empty((*size, 3), dtype=np.uint8)
+    for channel in range(3):
+        plane = rows @ (image[:, :, channel].astype(np.float32) @ cols_t)
+        out[:, :, channel] = np.clip(np.rint(plane), 0, 255)
+    return out
+
+
+def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, ImageGeometry]:
+    """[H, W, 3] uint8 RGB -> (uint8 [3, H', W'] network input on its canvas, the image's geometry)."""
+    geometry = policy.geometry(*image.shape[:2])
+    size = (geometry.resized_height, geometry.resized_width)
+    padded = np.zeros((3, *policy.canvas(geometry)), dtype=np.uint8)
+    padded[:, : size[0], : size[1]] = resize_rgb(image, size).transpose(2, 0, 1)
+    return padded, geometry
+
+
+def pad_array(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    """A [3, h, w] input padded bottom/right with zeros to ``canvas``."""
+    if image.shape[1:] == tuple(canvas):
+        return image
+    padded = np.zeros((image.shape[0], *canvas), dtype=image.dtype)
+    padded[:, : image.shape[1], : image.shape[2]] = image
+    return padded
+
+
+def same_canvas_batches(
+    items: Iterable[T], canvas_of: Callable[[T], tuple[int, int]], batch_size: int
+) -> Iterator[list[T]]:
+    """Consecutive items in batches of at most ``batch_size`` that share one canvas, so that no image is padded
+    further because of another one (its detections would change)."""
+    batch: list[T] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or canvas_of(batch[0]) != canvas_of(item)):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
