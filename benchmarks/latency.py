@@ -4,8 +4,8 @@ mask AP.
 Runtimes, batch 1, random weights (speed does not depend on what weights learned):
 
 - ``pytorch_fp32``: eager network + ``postprocess`` to the graph contract;
-- ``pytorch_bf16``: the same with the network under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (AMX on this
-  CPU); post-processing (thresholds, Matrix NMS) stays fp32, as int8 keeps it float;
+- ``pytorch_bf16``: the same with the network under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (in software
+  where the CPU lacks bf16 instructions); post-processing (thresholds, Matrix NMS) stays fp32, as int8 keeps it float;
 - ``ort_fp32`` and ``ort_int8``: ONNX Runtime's CPU provider with the project's session options
   (``export.onnx_inputs``), on ``export.onnx_export.build_onnx``
   and ``export.quantize.quantize_int8``. int8 of random weights is calibrated on one noise image: its ranges are

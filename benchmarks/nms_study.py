@@ -1,4 +1,4 @@
-"""Matrix NMS study (the SOLOv2 paper's Matrix NMS table; REFERENCE.md "Matrix NMS"): time against the number of
+"""Matrix NMS study (the SOLOv2 paper's Matrix NMS table; docs/algorithms.md, "Matrix NMS"): time against the number of
 masks N for each implementation of Matrix NMS and for the sequential baselines, greedy mask NMS and Soft-NMS; then
 class-agnostic mask AP of the trained bench model with each NMS. The paper claims 500 masks in < 1 ms (IoU matrix
 excluded, on a GPU), 9x faster than greedy mask NMS, and +0.3 AP.

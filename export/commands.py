@@ -8,7 +8,7 @@ from pathlib import Path
 from training.cli_args import Subcommands
 
 ONNX_DESCRIPTION = """\
-Export a SOLOv2 checkpoint as one ONNX graph of the graph contract (DESIGN.md):
+Export a SOLOv2 checkpoint as one ONNX graph of the graph contract (docs/architecture.md):
   input   images    uint8 [B, 3, H, W] RGB, H and W multiples of 32 (normalisation is inside)
   outputs num_dets  int32 [B]; scores float32 [B, K]; labels int32 [B, K];
           boxes float32 [B, K, 4] (x1, y1, x2, y2); masks uint8 [B, K, H/4, W/4]   (K = max_per_img)

@@ -1,4 +1,4 @@
-"""The graph contract of DESIGN.md as data: input and output names, dtypes and shapes, and the metadata keys.
+"""The graph contract (docs/architecture.md) as data: input and output names, dtypes and shapes, and the metadata keys.
 
 One contract for ONNX, TensorRT and Triton, so serving and its client import it from here. It needs neither torch nor
 onnx (the client side of serving must not need torch).

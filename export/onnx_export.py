@@ -1,4 +1,4 @@
-"""SOLOv2 checkpoint -> one ONNX graph of the graph contract (DESIGN.md), Matrix NMS inside as one
+"""SOLOv2 checkpoint -> one ONNX graph of the graph contract (docs/architecture.md), Matrix NMS inside as one
 ``freesolo::MatrixNMS`` node with a function body of standard ops.
 
 The graph is ``images -> SOLOv2 -> postprocess`` with the NMS swapped for the torch custom op; the dynamo exporter
@@ -206,7 +206,9 @@ def build_onnx(
     name_dynamic_dims(proto)
     props = {p.key: p.value for p in proto.metadata_props}
     onnx.helper.set_model_props(proto, {**props, **model_metadata(config, metadata, size, checkpoint)})
-    proto.doc_string = "FreeSOLO SOLOv2 with Matrix NMS inside (freesolo::MatrixNMS); graph contract in DESIGN.md"
+    proto.doc_string = (
+        "FreeSOLO SOLOv2 with Matrix NMS inside (freesolo::MatrixNMS); graph contract in docs/architecture.md"
+    )
     return check_graph(proto)
 
 

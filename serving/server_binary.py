@@ -2,7 +2,7 @@
 
 Preference: ``--tritonserver PATH``; else a ``tritonserver`` on PATH (a full install, e.g. a Triton container, with
 its own backends); else the binary bundled in the ``nvidia-pytriton`` wheel. The bundled one has only the python
-backend and needs three things (ENVIRONMENT.md): a backend directory holding ``libtriton_python.so`` beside the stub
+backend and needs three things: a backend directory holding ``libtriton_python.so`` beside the stub
 for this Python version (built here in a cache folder, symlinks only; site-packages is never modified), this
 Python's own ``libpython`` first on LD_LIBRARY_PATH (not the system's), and the venv's ``bin/`` first on PATH.
 """

@@ -1,4 +1,5 @@
-"""Matrix NMS: REFERENCE.md's known cases and equality with a per-pair loop written straight from the formula."""
+"""Matrix NMS: the known cases of docs/algorithms.md ("Matrix NMS") and equality with a per-pair loop written
+straight from the formula."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def test_bilinear_matrix_equals_torch_interpolate(out_size: int, in_size: int) -
 
 
 def test_masks_to_original_equals_the_reference_two_step_resize() -> None:
-    """Upsample x4 to the padded input, crop the image, resize to the original size, threshold (REFERENCE.md)."""
+    """Upsample x4 to the padded input, crop the image, resize to the original size, threshold
+    (docs/algorithms.md, "SOLOv2 inference")."""
     rng = np.random.default_rng(0)
     masks = (rng.random((3, 8, 10)) > 0.5).astype(np.uint8)
     geometry = ImageGeometry(original_height=45, original_width=61, resized_height=29, resized_width=38)

@@ -1,7 +1,7 @@
 """The learned ResNet backbone as a product: read it out of any FreeSOLO checkpoint under torchvision's names,
 rename it for detectron2, or rebuild it as a torchvision ResNet (Free Mask's feature extractor).
 
-Accepted inputs (REFERENCE.md, DenseCL: published backbones use torchvision ResNet keys):
+Accepted inputs (published DenseCL backbones use torchvision ResNet keys, so this one does too):
 - a SOLOv2 checkpoint (``freesolo train``): the backbone is ``backbone.body.*``;
 - a DenseCL checkpoint (``freesolo pretrain``, ``metadata["kind"] == "densecl"``): the query encoder
   ``encoder_q.backbone.*``; the momentum encoder ``encoder_k.*`` is a lagging copy and is never exported;

@@ -22,7 +22,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 @dataclass
 class ModelConfig:
-    """SOLOv2 architecture (REFERENCE.md: SOLOv2)."""
+    """SOLOv2 architecture (docs/algorithms.md, "SOLOv2")."""
 
     depth: int = 50
     frozen_bn: bool = False
@@ -44,7 +44,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (REFERENCE.md: Dice weight 3, focal alpha 0.25 gamma 2 weight 1, center sampling sigma 0.2)."""
+    """Loss weights (docs/algorithms.md, "SOLOv2": Dice weight 3, focal alpha 0.25 gamma 2 weight 1, center
+    sampling sigma 0.2)."""
 
     dice_weight: float = 3.0
     focal_weight: float = 1.0
@@ -67,7 +68,7 @@ class InputConfig:
 
 @dataclass
 class SolverConfig:
-    """Schedule (REFERENCE.md: SGD, lr 0.01 for 16 images, momentum 0.9, wd 1e-4, clip 35, warm-up 500).
+    """Schedule (docs/algorithms.md, "SOLOv2": SGD, lr 0.01 for 16 images, momentum 0.9, wd 1e-4, clip 35, warm-up 500).
     ``optimizer`` is "sgd" (the paper's) or "adamw" (weight decay on conv/linear weights only)."""
 
     optimizer: str = "sgd"
@@ -88,7 +89,7 @@ class SolverConfig:
 
 @dataclass
 class InferenceConfig:
-    """Post-processing (REFERENCE.md: SOLOv2 inference)."""
+    """Post-processing (docs/algorithms.md, "SOLOv2 inference")."""
 
     score_thr: float = 0.1
     mask_thr: float = 0.5
@@ -101,9 +102,9 @@ class InferenceConfig:
 
 @dataclass
 class PretrainConfig:
-    """DenseCL self-supervised pre-training of the backbone (REFERENCE.md: DenseCL). ``dilate_res5`` replaces the
-    last stride with dilation (C5 at stride 16): the weights stay plain ResNet weights, but small images keep a
-    usable C5 grid for the dense loss and for Free Mask."""
+    """DenseCL self-supervised pre-training of the backbone (docs/algorithms.md, "DenseCL"). ``dilate_res5``
+    replaces the last stride with dilation (C5 at stride 16): the weights stay plain ResNet weights, but small images
+    keep a usable C5 grid for the dense loss and for Free Mask."""
 
     crop_size: int = 224
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -129,7 +130,7 @@ class PretrainConfig:
 
 @dataclass
 class FreeMaskConfig:
-    """Free Mask coarse masks (REFERENCE.md: Free Mask)."""
+    """Free Mask coarse masks (docs/algorithms.md, "Free Mask")."""
 
     input_size: int = 800  # shorter side of the image fed to the backbone
     max_size: int = 1333
@@ -153,7 +154,7 @@ class FreeMaskConfig:
 
 @dataclass
 class WeakConfig:
-    """Self-supervised SOLO from coarse masks (REFERENCE.md: Self-supervised SOLO).
+    """Self-supervised SOLO from coarse masks (docs/algorithms.md, "Self-supervised SOLO").
 
     ``mask_loss``: "weak" = alpha * L_avg + L_max + L_pairwise (projection Dice and BoxInst pairwise affinity);
     "dice" = full-mask Dice against the coarse masks (the paper's ablation). Zero weights switch terms off.

@@ -1,4 +1,4 @@
-"""DenseCL (REFERENCE.md: DenseCL): self-supervised pre-training of a ResNet backbone for Free Mask.
+"""DenseCL (docs/algorithms.md, "DenseCL"): self-supervised pre-training of a ResNet backbone for Free Mask.
 
 MoCo-v2 style contrastive learning with two heads on one backbone: a global head (one vector per image) and a dense
 head (one vector per C5 cell). The query encoder learns; the key encoder is its momentum average. Negatives come from

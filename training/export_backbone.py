@@ -1,5 +1,5 @@
 """``freesolo export-backbone``: the learned ResNet as a pretrained backbone for other people's models
-(DESIGN.md: the backbone is a product), in torchvision or detectron2 format."""
+(the backbone is a product of this project: docs/architecture.md), in torchvision or detectron2 format."""
 
 from __future__ import annotations
 

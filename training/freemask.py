@@ -1,4 +1,4 @@
-"""Free Mask: coarse instance masks from a self-supervised backbone, without labels (REFERENCE.md: Free Mask).
+"""Free Mask: coarse instance masks from a self-supervised backbone, without labels (docs/algorithms.md, "Free Mask").
 
 For each image, res5 features I are compared with themselves: queries are I bilinearly downsampled by each of the
 pyramid scales, keys are I; the cosine score map of every query, min-max normalised, is a soft mask. Masks are scored

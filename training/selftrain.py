@@ -1,4 +1,5 @@
-"""Self-training (REFERENCE.md): the model's own confident predictions become the next round's coarse masks.
+"""Self-training (docs/algorithms.md, "Self-training"): the model's own confident predictions become the next
+round's coarse masks.
 
 Round r predicts on the unlabeled images with the current teacher, keeps detections with score >= 0.3 (at most 20
 per image) as pseudo-labels, each with the teacher's embedding at the detection's grid cell as its embedding target,

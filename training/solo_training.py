@@ -1,7 +1,7 @@
 """One entry point that trains a SOLOv2 run, used by `freesolo train`, `selftrain` and `pipeline`.
 
 Modes: "supervised" (full GT masks, Dice) and "weak" (coarse masks as weak labels: projection + pairwise losses,
-embedding loss, weak and strong views; REFERENCE.md: Self-supervised SOLO). A weak model has one "object" class.
+embedding loss, weak and strong views; docs/algorithms.md, "Self-supervised SOLO"). A weak model has one "object" class.
 """
 
 from __future__ import annotations

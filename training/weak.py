@@ -1,4 +1,4 @@
-"""FreeSOLO's self-supervised SOLO (REFERENCE.md: Self-supervised SOLO): coarse masks as weak labels.
+"""FreeSOLO's self-supervised SOLO (docs/algorithms.md, "Self-supervised SOLO"): coarse masks as weak labels.
 
 - Views: every coarse-labelled image is trained twice per step, as a weak view (resize, flip) and a strong view
   (instances copy-pasted from another image, colour jitter, grayscale, blur, random erasing).

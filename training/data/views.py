@@ -1,4 +1,4 @@
-"""Two independently augmented views of each unlabeled image, for DenseCL pre-training (REFERENCE.md: DenseCL).
+"""Two independently augmented views of each unlabeled image, for DenseCL pre-training (docs/algorithms.md, "DenseCL").
 
 Every random choice is drawn from a ``torch.Generator`` seeded with the sample's seed, so a view depends only on
 ``(index, seed)``: not on workers, not on the order of loading, not on resuming.

@@ -33,7 +33,7 @@ LossFunction = Callable[[nn.Module, Any, int], dict[str, torch.Tensor]]  # (netw
 
 
 class RunPaths:
-    """The files of a run directory (DESIGN.md)."""
+    """The files of a run directory (docs/architecture.md, "Run directories and checkpoints")."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -1,5 +1,5 @@
-"""SOLOv2 heads (REFERENCE.md: SOLOv2): the instance head predicts, per grid cell, a category score and a dynamic
-1x1 kernel; the unified mask-feature branch predicts the stride-4 features those kernels are applied to."""
+"""SOLOv2 heads (docs/algorithms.md, "SOLOv2"): the instance head predicts, per grid cell, a category score and a
+dynamic 1x1 kernel; the unified mask-feature branch predicts the stride-4 features those kernels are applied to."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""SOLOv2 inference on a whole batch with fixed shapes (REFERENCE.md: SOLOv2 inference), producing the graph
-contract of DESIGN.md: ``num_dets`` [B], ``scores`` [B, K], ``labels`` [B, K], ``boxes`` [B, K, 4], ``masks``
-[B, K, H/4, W/4] (binary uint8), zero-padded past ``num_dets``.
+"""SOLOv2 inference on a whole batch with fixed shapes (docs/algorithms.md, "SOLOv2 inference"), producing the
+graph contract (docs/architecture.md): ``num_dets`` [B], ``scores`` [B, K], ``labels`` [B, K], ``boxes``
+[B, K, 4], ``masks`` [B, K, H/4, W/4] (binary uint8), zero-padded past ``num_dets``.
 
 Everything is tensor algebra without data-dependent shapes, so the same code exports to ONNX for any batch size.
 One deliberate difference from the reference: candidates are capped at ``nms_pre`` by category score *before* their

@@ -1,5 +1,6 @@
 """The SOLOv2 network: uint8 images in, raw head tensors out (normalisation happens inside, as in the graph
-contract of DESIGN.md). Targets/losses live in ``targets.py``/``losses.py``; post-processing in ``postprocess.py``."""
+contract of docs/architecture.md). Targets/losses live in ``targets.py``/``losses.py``; post-processing in
+``postprocess.py``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SOLOv2 training targets by center sampling (REFERENCE.md: SOLOv2 targets).
+"""SOLOv2 training targets by center sampling (docs/algorithms.md, "SOLOv2", "Targets").
 
 For every level an instance belongs to (by sqrt(w*h) in the level's scale range), the positive cells are the
 cells of a box of half-size 0.5*sigma*(w, h) around the instance's mask centre of mass, clipped to the centre
