@@ -45,7 +45,9 @@ def MatrixNMS(masks: FLOAT, labels: INT32, scores: FLOAT, areas: FLOAT, kernel: 
     eps = op.Constant(value_float=EPS)
     zero = op.Constant(value_float=0.0)
     one = op.Constant(value_float=1.0)
-    flat = op.Reshape(masks, op.Constant(value_ints=[0, 0, -1]))  # [B, N, H*W]
+    # [B, N, H*W] from explicit dims: a -1 cannot be inferred when N = 0 (nothing survived the score threshold)
+    pixels = op.ReduceProd(op.Shape(masks, start=2), keepdims=1)
+    flat = op.Reshape(masks, op.Concat(op.Shape(masks, start=0, end=2), pixels, axis=0))
     intersection = op.MatMul(flat, op.Transpose(flat, perm=[0, 2, 1]))  # [B, N, N]
     union = op.Unsqueeze(areas, [-1]) + op.Unsqueeze(areas, [-2]) - intersection
     iou = op.Where(union > zero, intersection / op.Max(union, eps), zero)
