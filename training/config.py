@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from training.errors import UserError
+from training.fileio import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -278,4 +279,4 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

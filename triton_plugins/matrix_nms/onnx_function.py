@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx
 import onnxscript
 from onnx.defs import OpSchema
-from onnxscript import FLOAT, INT32, ir
+from onnxscript import FLOAT, INT32
 from onnxscript import opset20 as op
 
 from training.ops.matrix_nms import EPS, KERNELS
@@ -89,10 +89,10 @@ def _schema() -> OpSchema:
 _node = onnxscript.values.Op(freesolo_opset, NAME, _schema())
 
 
-def translate(
-    masks: ir.Value, labels: ir.Value, scores: ir.Value, areas: ir.Value, kernel: str, sigma: float
-) -> ir.Value:
-    """Translation of ``torch.ops.freesolo.matrix_nms`` for ``torch.onnx.export(custom_translation_table=...)``."""
+def translate(masks: FLOAT, labels: INT32, scores: FLOAT, areas: FLOAT, kernel: str, sigma: float) -> FLOAT:
+    """Translation of ``torch.ops.freesolo.matrix_nms`` for ``torch.onnx.export(custom_translation_table=...)``.
+    The exporter reads the node's signature from these annotations: onnxscript tensor types (they name an ONNX
+    dtype), so that it matches the node's inputs instead of warning that it could not infer a signature."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown Matrix NMS kernel '{kernel}' (use one of {KERNELS})")
     return _node(masks, labels, scores, areas, kernel=kernel, sigma=sigma)
