@@ -197,6 +197,6 @@ def test_pretrain_refuses_an_existing_run_without_resume(synth_data: Path, tmp_p
 
 def test_pretrain_resume_with_nothing_to_resume_is_refused(synth_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "mistyped"
-    with pytest.raises(UserError, match="holds no checkpoint.pt"):
+    with pytest.raises(UserError, match=r"holds no checkpoint\.pt"):
         freesolo_pretrain(["--images", str(synth_data / "train"), "--out", str(run), "--iters", "1", "--resume"])
     assert not run.exists()
