@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.cli import main as freesolo
+from training.engine.trainer import resume_option
 from training.errors import UserError
 
 TRAIN_IMAGES = 300
@@ -37,7 +38,7 @@ def ensure_bench_model(work: Path = Path("runs/bench/model"), iters: int = ITERS
             raise UserError(f"could not write the benchmark's synthetic data to {data}")
     if not model.checkpoint.is_file():
         train = ["train", "--images", str(model.train_images), "--ann", str(data / "train.json"), "--out", str(run)]
-        train += ["--mode", "supervised", "--iters", str(iters), "--resume"]
+        train += ["--mode", "supervised", "--iters", str(iters), *resume_option(run)]
         if freesolo(train) != 0:
             raise UserError(f"training the benchmark model in {run} failed")
     return model

@@ -36,7 +36,7 @@ from export.quantize import quantize_int8
 from training.checkpoint import model_from_checkpoint
 from training.config import Config, InferenceConfig, load_preset
 from training.errors import UserError
-from training.fileio import atomic_write
+from training.fileio import atomic_write, remove_stale_temporaries
 from training.geometry import SIZE_DIVISOR, InputPolicy, round_up
 from training.models import SOLOv2
 from training.models.postprocess import postprocess
@@ -275,6 +275,7 @@ def export_onnx(
         proto = check_graph(quantize_int8(proto, calibration))
         seconds = time.perf_counter() - start
         log(f"quantised to int8 (QDQ, convolutions only), calibrated on {len(calibration)} images, in {seconds:.1f} s")
+    remove_stale_temporaries(Path(out))  # what an export of the same file killed mid-write left behind
     atomic_write(Path(out), lambda tmp: onnx.save_model(proto, str(tmp)))
     size_mb = Path(out).stat().st_size / 1e6
     log(f"wrote {out} ({size_mb:.1f} MB, {len(proto.graph.node)} nodes, one freesolo::MatrixNMS)")

@@ -33,6 +33,7 @@ from typing import Any
 from pycocotools.coco import COCO
 
 from training.config import load_preset
+from training.engine.trainer import resume_option
 from training.evaluate import ground_truth_from, load_ground_truth
 from training.fileio import atomic_write_text
 from training.pipeline import PipelinePaths, stage_results
@@ -69,7 +70,8 @@ def freesolo(*argv: str, progress: bool = False) -> list[str]:
 def weak_training(images: Path, coarse: Path, out: Path, init: Path, overrides: list[str]) -> list[str]:
     """The command of a resumable weak-mode training on ``coarse`` from ``init``, with config overrides."""
     sets = [item for override in overrides for item in ("--set", override)]
-    command = ["--images", str(images), "--ann", str(coarse), "--out", str(out), "--init", str(init), "--resume"]
+    command = ["--images", str(images), "--ann", str(coarse), "--out", str(out), "--init", str(init)]
+    command += resume_option(out)
     return freesolo("train", "--mode", "weak", *command, *sets)
 
 
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(work / "supervised"),
             "--class-agnostic",
-            "--resume",
+            *resume_option(work / "supervised"),
         )
     }
     coarse = pipeline / "freemask" / "train.json"
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(out),
             "--class-agnostic",
-            "--resume",
+            *resume_option(out),
             "--iters",
             str(FINETUNE_ITERS),
             *init,

@@ -72,6 +72,15 @@ def copy_dataset_with_corrupt_image(synth_data: Path, tmp_path: Path) -> Path:
     return target / "val" / first
 
 
+ONE_STEP = ["--preset", "tiny", "--iters", "1"]  # where a refusal is missing, the run ends soon instead of hanging
+BROKEN_ANNOTATIONS = {  # name -> (list, key of its last entry, bad value)
+    "polygon of one point": ("annotations", "segmentation", [[1, 2]]),
+    "RLE size of one number": ("annotations", "segmentation", {"size": [5], "counts": "PPYo1"}),
+    "negative width": ("images", "width", -5),
+    "height not a number": ("images", "height", "x"),
+}
+
+
 def bad_input_cases(synth_data: Path, checkpoint: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (argv, text the error line must contain)."""
     val, val_json = str(synth_data / "val"), str(synth_data / "val.json")
@@ -84,6 +93,11 @@ def bad_input_cases(synth_data: Path, checkpoint: Path, tmp: Path) -> dict[str, 
     corrupt_ckpt = tmp / "corrupt.pt"
     corrupt_ckpt.write_bytes(b"garbage" * 100)
     corrupt_image = write_corrupt_png(tmp / "corrupt.png")
+    broken = {name: tmp / f"{name}.json" for name in BROKEN_ANNOTATIONS}
+    for name, (where, key, value) in BROKEN_ANNOTATIONS.items():
+        data = json.loads((synth_data / "val.json").read_text())
+        data[where][-1][key] = value  # the last entry: the whole file is checked before training starts
+        broken[name].write_text(json.dumps(data))
     existing_run = tmp / "existing_run"
     existing_run.mkdir()
     (existing_run / "model.pt").write_bytes(b"")
@@ -119,6 +133,14 @@ def bad_input_cases(synth_data: Path, checkpoint: Path, tmp: Path) -> dict[str, 
             "no_dir",
         ),
         "existing run": (["train", "--images", val, "--ann", val_json, "--out", str(existing_run)], "existing_run"),
+        "nothing to resume": (
+            ["train", "--images", val, "--ann", val_json, "--out", str(tmp / "mistyped_run"), "--resume", *ONE_STEP],
+            "mistyped_run",
+        ),
+        **{
+            name: (["train", "--images", val, "--ann", str(path), "--out", str(tmp / "r5"), *ONE_STEP], path.name)
+            for name, path in broken.items()
+        },
         "empty image folder": (
             ["predict", "--checkpoint", str(checkpoint), str(tmp / "existing_run"), "--out", str(tmp / "p.json")],
             "existing_run",
@@ -137,6 +159,8 @@ CASE_NAMES = [
     "missing annotation",
     "missing image folder",
     "existing run",
+    "nothing to resume",
+    *BROKEN_ANNOTATIONS,
     "empty image folder",
 ]
 

@@ -98,6 +98,16 @@ def test_image_folder_reads_unlabeled_images(tmp_path: Path) -> None:
         (lambda d: d["annotations"][0].update(category_id=4), "refers to unknown category 4"),
         (lambda d: d["annotations"][1].update(segmentation="x"), "neither RLE nor polygons"),
         (lambda d: d.update(images=[]), "no images"),
+        (lambda d: d["annotations"][1].update(segmentation=[[1, 2]]), "polygon of 2 numbers"),
+        (lambda d: d["annotations"][1].update(segmentation=[[1, 2, 3, 4, 5, 6, 7]]), "polygon of 7 numbers"),
+        (lambda d: d["annotations"][1].update(segmentation=[[1, 2, "3", 4, 5, 6]]), "lists of numbers"),
+        (lambda d: d["annotations"][0]["segmentation"].update(size=[5]), "RLE size must be [height, width]"),
+        (lambda d: d["annotations"][0]["segmentation"].update(size=[90, 60]), "differs from its image's"),
+        (lambda d: d["annotations"][2]["segmentation"]["counts"].append(1), "adding up to height x width"),
+        (lambda d: d["annotations"][0]["segmentation"].update(counts=None), "string or a list of run lengths"),
+        (lambda d: d["images"][0].update(width=-5), "width must be a positive integer, got -5"),
+        (lambda d: d["images"][0].update(height="x"), "height must be a positive integer, got 'x'"),
+        (lambda d: d["images"][0].update(height=True), "height must be a positive integer, got True"),
     ],
 )
 def test_schema_problems_name_the_entry(tmp_path: Path, mutate, message: str) -> None:

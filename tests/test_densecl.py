@@ -193,3 +193,10 @@ def test_pretrain_refuses_an_existing_run_without_resume(synth_data: Path, tmp_p
     (run / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(UserError, match="--resume"):
         freesolo_pretrain(["--images", str(synth_data / "train"), "--out", str(run)])
+
+
+def test_pretrain_resume_with_nothing_to_resume_is_refused(synth_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "mistyped"
+    with pytest.raises(UserError, match=r"holds no checkpoint\.pt"):
+        freesolo_pretrain(["--images", str(synth_data / "train"), "--out", str(run), "--iters", "1", "--resume"])
+    assert not run.exists()

@@ -35,7 +35,7 @@ def overlapping_case(
         "masks": masks,
         "labels": rng.integers(0, num_labels, (batch, n)).astype(np.int32),
         "scores": scores,
-        "areas": masks.reshape(batch, n, -1).sum(-1),
+        "areas": masks.sum(axis=(2, 3)),
     }
 
 
@@ -95,3 +95,16 @@ def test_torch_op_registration_passes_opcheck() -> None:
     case = overlapping_case(np.random.default_rng(2), batch=1, n=8)
     args = tuple(torch.from_numpy(case[k]) for k in ("masks", "labels", "scores", "areas"))
     torch.library.opcheck(torch.ops.freesolo.matrix_nms.default, (*args, "linear", 2.0))
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_onnx_function_with_no_masks_returns_no_scores(kernel: str) -> None:
+    """N = 0 (nothing left after the score threshold) is an ordinary case: the body must not reshape with a -1 that
+    a zero-sized dimension makes ambiguous."""
+    session = ort.InferenceSession(
+        onnx_function.standalone_model(kernel=kernel).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for batch, size in ((1, (32, 32)), (2, (20, 24))):
+        case = overlapping_case(np.random.default_rng(3), batch=batch, n=0, size=size)
+        (decayed,) = session.run(None, case)
+        assert decayed.shape == (batch, 0) and decayed.dtype == np.float32

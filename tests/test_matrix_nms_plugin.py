@@ -275,27 +275,51 @@ def _tensorrt_include_dir() -> Path | None:
 
 
 def _cuda_include_dir(nvcc: str) -> str:
-    """The CUDA headers nvcc itself uses (from its dry run), for host code that includes cuda_runtime_api.h."""
+    """The CUDA headers nvcc itself uses (from its dry run; nvcc may be a wrapper script elsewhere), else the include
+    folder beside nvcc's bin folder, for host code that includes cuda_runtime_api.h."""
     dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
     found = re.search(r'INCLUDES="-I([^"\s]+)', dry.stderr + dry.stdout)
-    if found is None:
-        pytest.skip("could not find the CUDA include directory")
-    return found.group(1)
+    if found is not None:
+        return found.group(1)
+    beside = Path(nvcc).resolve().parent.parent / "include"
+    if not (beside / "cuda_runtime_api.h").exists():
+        pytest.skip(f"could not find the CUDA include directory of {nvcc}")
+    return str(beside)
+
+
+# Compiled beside the plugin: the plugin and its creator must be concrete classes under the given headers (a pure
+# virtual added by a TensorRT release, or a signature that no longer overrides, makes them abstract), while the
+# interfaces they implement are abstract (else the check would prove nothing).
+NOT_ABSTRACT_PROBE = """
+#include "MatrixNMSPlugin.h"
+
+#include <type_traits>
+
+static_assert(std::is_abstract_v<nvinfer1::IPluginV3OneBuild>, "the build interface has pure virtuals");
+static_assert(std::is_abstract_v<nvinfer1::IPluginCreatorV3One>, "the creator interface has pure virtuals");
+static_assert(!std::is_abstract_v<freesolo::MatrixNMSPlugin>, "MatrixNMSPlugin leaves a pure virtual unimplemented");
+static_assert(!std::is_abstract_v<freesolo::MatrixNMSPluginCreator>, "the creator leaves a pure virtual unimplemented");
+"""
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_plugin_compiles_against_tensorrt_headers() -> None:
-    """MatrixNMSPlugin.cpp implements every pure virtual of IPluginV3 / IPluginCreatorV3One of the given headers."""
+def test_tensorrt_plugin_compiles_against_tensorrt_headers(tmp_path: Path) -> None:
+    """MatrixNMSPlugin.cpp compiles against the headers in TENSORRT_INCLUDE_DIR (or TENSORRT_ROOT/include) with
+    warnings as errors, and its classes implement every pure virtual of IPluginV3 / IPluginCreatorV3One there."""
     include = _tensorrt_include_dir()
     if include is None:
-        pytest.skip("set TENSORRT_ROOT or TENSORRT_INCLUDE_DIR to TensorRT headers")
+        pytest.skip("set TENSORRT_INCLUDE_DIR (or TENSORRT_ROOT) to a folder with TensorRT's NvInfer.h")
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        pytest.skip("no C++ compiler")
+        pytest.skip("no C++ compiler (g++ or c++) on PATH")
     command = [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations"]
     command += ["-isystem", str(include), "-isystem", _cuda_include_dir(_nvcc()), "-I", str(CUDA_DIR)]
-    done = subprocess.run([*command, str(PLUGIN_DIR / "MatrixNMSPlugin.cpp")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    command += ["-I", str(PLUGIN_DIR)]
+    probe = tmp_path / "not_abstract.cpp"
+    probe.write_text(NOT_ABSTRACT_PROBE)
+    for source in (PLUGIN_DIR / "MatrixNMSPlugin.cpp", probe):
+        done = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{source.name}: {done.stderr[-3000:]}"
 
 
 # --- On a GPU: TensorRT plugin and Triton kernels --------------------------------------------------------------------

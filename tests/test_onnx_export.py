@@ -7,6 +7,8 @@ exported models (``dynamic_onnx``, ``fixed_onnx``) are session fixtures there to
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +232,38 @@ def test_cli_errors_are_one_line_and_exit_2(
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+STALE_TEMPORARY = ".model.onnx.k3x9q2.tmp"  # the name a killed export's atomic write leaves beside model.onnx
+
+
+@pytest.fixture(scope="module")
+def export_after_a_kill(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real ``freesolo export onnx`` process (its whole stdout and stderr captured) into a folder where an earlier
+    export of the same file was killed mid-write: (the folder, the finished process)."""
+    folder = tmp_path_factory.mktemp("rerun")
+    (folder / STALE_TEMPORARY).write_bytes(b"half an onnx file")
+    (folder / ".other.onnx.k3x9q2.tmp").write_bytes(b"another file's temporary")
+    command = [sys.executable, "-m", "training.cli", "export", "onnx", "--preset", "tiny", "--no-simplify"]
+    done = subprocess.run(
+        [*command, "--out", str(folder / "model.onnx")], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder, done
+
+
+def test_export_removes_what_a_killed_export_of_the_same_file_left(
+    export_after_a_kill: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    folder, _ = export_after_a_kill
+    assert sorted(p.name for p in folder.iterdir()) == [".other.onnx.k3x9q2.tmp", "model.onnx"]
+    onnx.checker.check_model(str(folder / "model.onnx"))
+
+
+def test_export_prints_no_signature_warning(export_after_a_kill: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """The exporter warned "Failed to infer the signature for function translate" on every export until the
+    MatrixNMS translation's parameters were annotated with ONNX tensor types."""
+    _, done = export_after_a_kill
+    output = done.stdout + done.stderr
+    assert "Failed to infer the signature" not in output
+    assert "wrote" in done.stdout

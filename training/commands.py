@@ -135,11 +135,11 @@ def _register_train(commands: Subcommands) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.engine.trainer import RunPaths, resumable_state
+    from training.engine.trainer import RunPaths, requested_state
     from training.solo_training import train_solo, with_solver_overrides
 
     run = RunPaths(args.out)
-    state = resumable_state(run, args.resume)
+    state = requested_state(run, args.resume)
     config = apply_overrides(config_from_dict(state["config"]), args.set) if state else config_from_arguments(args)
     metadata = state["metadata"] if state else {}
     mode = metadata.get("mode", args.mode)

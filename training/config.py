@@ -7,6 +7,7 @@ written into every run directory and every checkpoint, so a checkpoint always re
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from training.errors import UserError
+from training.fileio import atomic_write_text
 from training.geometry import SIZE_DIVISOR
 from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA
 
@@ -210,8 +212,12 @@ def available_presets() -> list[str]:
 
 
 def _merge(instance: Any, updates: dict[str, Any], where: str) -> Any:
-    """Return a copy of a dataclass with ``updates`` applied, rejecting unknown keys (typos must not pass silently)."""
+    """Return a copy of a dataclass with ``updates`` applied, rejecting unknown keys (typos must not pass silently)
+    and values of the wrong type (a checkpoint or YAML file must not fail later, deep inside the model)."""
+    if not isinstance(updates, dict):
+        raise UserError(f"a config must be a mapping of keys to values, got {type(updates).__name__}")
     known = {f.name: f for f in dataclasses.fields(instance)}
+    types = typing.get_type_hints(type(instance))
     changes = {}
     for key, value in updates.items():
         if key not in known:
@@ -221,8 +227,27 @@ def _merge(instance: Any, updates: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise UserError(f"config key '{where}{key}' must be a mapping")
             value = _merge(current, value, f"{where}{key}.")
+        elif not _has_type(value, types[key]):
+            raise UserError(f"config key '{where}{key}' must be {_type_name(types[key])}, got {value!r}")
         changes[key] = value
     return dataclasses.replace(instance, **changes)
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    """Whether a value read from YAML or a checkpoint has a field's declared type: an int passes for a float, a
+    bool passes for neither (YAML reads ``yes`` as true, which must not become 1)."""
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_has_type(element, item) for element in value)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    return str(expected) if typing.get_origin(expected) is list else f"of type {expected.__name__}"
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -257,4 +282,4 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -86,10 +86,10 @@ def train_densecl(images: Path, run: Any, config: Config, state: dict[str, Any] 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from training.engine.distributed import is_main_process
-    from training.engine.trainer import RunPaths, resumable_state
+    from training.engine.trainer import RunPaths, requested_state
 
     run = RunPaths(args.out)
-    state = resumable_state(run, args.resume)
+    state = requested_state(run, args.resume)
     model_path = train_densecl(args.images, run, pretrain_config(args, state), state, progress=not args.no_progress)
     if is_main_process():
         print(f"model: {model_path} (export the backbone with `freesolo export-backbone`)")

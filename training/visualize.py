@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from training.fileio import atomic_write
+
 # Tableau-like palette: distinct, readable on photographs.
 PALETTE = [
     (31, 119, 180),
@@ -63,5 +65,6 @@ def draw_overlay(
 
 
 def save_overlay(path: Path, image: np.ndarray, results: list[dict[str, Any]], class_names: dict[int, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, results, class_names).save(path)
+    """Write the overlay as a PNG, atomically: a viewer never opens a half-written picture."""
+    picture = draw_overlay(image, results, class_names)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

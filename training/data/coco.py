@@ -52,7 +52,8 @@ def _require(condition: bool, path: Path, message: str) -> None:
 
 
 def validate_coco(data: Any, path: Path) -> None:
-    """Check the parts of the COCO schema this project reads."""
+    """Check the parts of the COCO schema this project reads, every entry of the file: training samples images at
+    random, so a bad entry found only when its image comes up would stop a run mid-way."""
     _require(isinstance(data, dict), path, "top level must be an object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
         _require(isinstance(data.get(key), list), path, f"'{key}' must be a list")
@@ -62,24 +63,62 @@ def validate_coco(data: Any, path: Path) -> None:
         _require(isinstance(image, dict), path, f"images[{index}] must be an object")
         for key in ("id", "file_name", "width", "height"):
             _require(key in image, path, f"images[{index}] has no '{key}'")
+        for key in ("width", "height"):
+            _require(
+                _is_count(image[key]) and image[key] > 0,
+                path,
+                f"images[{index}] {key} must be a positive integer, got {image[key]!r}",
+            )
     for index, category in enumerate(data["categories"]):
         _require(isinstance(category, dict) and "id" in category, path, f"categories[{index}] has no 'id'")
-    image_ids = {image["id"] for image in data["images"]}
+    images = {image["id"]: image for image in data["images"]}
     category_ids = {category["id"] for category in data["categories"]}
     for index, ann in enumerate(data["annotations"]):
         _require(isinstance(ann, dict), path, f"annotations[{index}] must be an object")
         for key in ("image_id", "category_id", "segmentation"):
             _require(key in ann, path, f"annotations[{index}] has no '{key}'")
-        _require(ann["image_id"] in image_ids, path, f"annotations[{index}] refers to unknown image {ann['image_id']}")
+        _require(ann["image_id"] in images, path, f"annotations[{index}] refers to unknown image {ann['image_id']}")
         _require(
             ann["category_id"] in category_ids,
             path,
             f"annotations[{index}] refers to unknown category {ann['category_id']}",
         )
-        segmentation = ann["segmentation"]
-        is_rle = isinstance(segmentation, dict) and {"size", "counts"} <= segmentation.keys()
-        is_polygon = isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation)
-        _require(is_rle or is_polygon, path, f"annotations[{index}] segmentation is neither RLE nor polygons")
+        problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]])
+        _require(problem is None, path, f"annotations[{index}] segmentation {problem}")
+
+
+def _is_count(value: Any) -> bool:
+    """An int that is not a bool (json's true would otherwise count as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _segmentation_problem(segmentation: Any, image: dict[str, Any]) -> str | None:
+    """What makes a segmentation unreadable for pycocotools, or None: polygons are lists of at least three x, y
+    pairs; an RLE has ``size`` [height, width] of its image and ``counts`` (a string, or a list of run lengths)."""
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                return "polygons must be lists of numbers"
+            if len(polygon) < 6 or len(polygon) % 2:
+                return f"polygon of {len(polygon)} numbers: needs x, y pairs of at least 3 points"
+        return None
+    if not isinstance(segmentation, dict) or not {"size", "counts"} <= segmentation.keys():
+        return "is neither RLE nor polygons"
+    size, counts = segmentation["size"], segmentation["counts"]
+    if not isinstance(size, list) or len(size) != 2 or not all(_is_count(v) for v in size):
+        return f"RLE size must be [height, width], got {size!r}"
+    if size != [image["height"], image["width"]]:
+        return f"RLE size {size} differs from its image's [height, width] [{image['height']}, {image['width']}]"
+    if isinstance(counts, list):
+        if not all(_is_count(v) and v >= 0 for v in counts) or sum(counts) != size[0] * size[1]:
+            return "RLE counts must be non-negative run lengths adding up to height x width"
+    elif not isinstance(counts, str):
+        return "RLE counts must be a string or a list of run lengths"
+    return None
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:

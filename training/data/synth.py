@@ -105,7 +105,10 @@ def _place(rng: np.random.Generator, shape: np.ndarray, side: float, size: int) 
     """Scales a unit-area shape to area side^2 (shrunk if it would not fit) and puts it fully inside the image."""
     half_extent = shape.max(axis=0)  # the shape is centred on its bounding box
     scale = min(side, (size - 2) / (2 * float(half_extent.max())))
-    centre = rng.uniform(half_extent * scale + 1, size - 1 - half_extent * scale)
+    low = half_extent * scale + 1
+    # A shape shrunk to fit exactly leaves low == high, which rounding can turn into high < low (a ValueError in
+    # uniform); clamping changes nothing where high >= low, so every scene that rendered before stays the same.
+    centre = rng.uniform(low, np.maximum(low, size - 1 - half_extent * scale))
     return shape * scale + centre
 
 

@@ -56,6 +56,20 @@ def resumable_state(run: RunPaths, resume: bool) -> dict[str, Any] | None:
     return load_checkpoint(run.checkpoint) if resume and run.checkpoint.exists() else None
 
 
+def resume_option(out: Path) -> list[str]:
+    """``["--resume"]`` when ``out`` holds a started run, else nothing: for scripts that start or continue a run."""
+    return ["--resume"] if RunPaths(out).checkpoint.is_file() else []
+
+
+def requested_state(run: RunPaths, resume: bool) -> dict[str, Any] | None:
+    """``--resume`` as a user asked for it: the run's checkpoint, and an error where there is none, since a mistyped
+    ``--out`` would otherwise quietly train from scratch (pipelines that mean "continue if possible" call
+    ``resumable_state``)."""
+    if resume and not run.checkpoint.is_file():
+        raise UserError(f"--resume: {run.root} holds no checkpoint.pt to continue (check --out, or leave out --resume)")
+    return resumable_state(run, resume)
+
+
 def new_metadata(class_names: list[str], category_ids: list[int]) -> dict[str, Any]:
     stamp = datetime.now(timezone.utc)
     return {

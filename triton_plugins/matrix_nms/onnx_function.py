@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx
 import onnxscript
 from onnx.defs import OpSchema
-from onnxscript import FLOAT, INT32, ir
+from onnxscript import FLOAT, INT32
 from onnxscript import opset20 as op
 
 from training.ops.matrix_nms import DEFAULT_KERNEL, DEFAULT_SIGMA, EPS, KERNELS
@@ -47,7 +47,9 @@ def MatrixNMS(masks: FLOAT, labels: INT32, scores: FLOAT, areas: FLOAT, kernel: 
     eps = op.Constant(value_float=EPS)
     zero = op.Constant(value_float=0.0)
     one = op.Constant(value_float=1.0)
-    flat = op.Reshape(masks, op.Constant(value_ints=[0, 0, -1]))  # [B, N, H*W]
+    # [B, N, H*W] from explicit dims: a -1 cannot be inferred when N = 0 (nothing survived the score threshold)
+    pixels = op.ReduceProd(op.Shape(masks, start=2), keepdims=1)
+    flat = op.Reshape(masks, op.Concat(op.Shape(masks, start=0, end=2), pixels, axis=0))
     intersection = op.MatMul(flat, op.Transpose(flat, perm=[0, 2, 1]))  # [B, N, N]
     union = op.Unsqueeze(areas, [-1]) + op.Unsqueeze(areas, [-2]) - intersection
     iou = op.Where(union > zero, intersection / op.Max(union, eps), zero)
@@ -89,10 +91,10 @@ def _schema() -> OpSchema:
 _node = onnxscript.values.Op(freesolo_opset, NAME, _schema())
 
 
-def translate(
-    masks: ir.Value, labels: ir.Value, scores: ir.Value, areas: ir.Value, kernel: str, sigma: float
-) -> ir.Value:
-    """Translation of ``torch.ops.freesolo.matrix_nms`` for ``torch.onnx.export(custom_translation_table=...)``."""
+def translate(masks: FLOAT, labels: INT32, scores: FLOAT, areas: FLOAT, kernel: str, sigma: float) -> FLOAT:
+    """Translation of ``torch.ops.freesolo.matrix_nms`` for ``torch.onnx.export(custom_translation_table=...)``.
+    The exporter reads the node's signature from these annotations: onnxscript tensor types (they name an ONNX
+    dtype), so that it matches the node's inputs instead of warning that it could not infer a signature."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown Matrix NMS kernel '{kernel}' (use one of {KERNELS})")
     return _node(masks, labels, scores, areas, kernel=kernel, sigma=sigma)
