@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.imaging import InputPolicy
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -25,6 +27,11 @@ def parameter(config: dict[str, Any], key: str) -> str:
         return str(config["parameters"][key]["string_value"])
     except KeyError:
         raise RuntimeError(f"model {config.get('name')}: config.pbtxt has no parameter {key!r}") from None
+
+
+def input_policy(config: dict[str, Any], height: int, width: int) -> InputPolicy:
+    """The served input policy: the model's H x W and the test resize's parameters from the config."""
+    return InputPolicy(height, width, int(parameter(config, "test_size")), int(parameter(config, "max_size")))
 
 
 def input_array(pb: Any, request: Any, name: str, dtype: type, item_shape: Sequence[int]) -> np.ndarray:

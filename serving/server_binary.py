@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,9 @@ from training.errors import UserError
 
 STUB = "triton_python_backend_stub"
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+# The python backend starts each stub through a shell command line that it does not quote: a path with a space
+# splits into two arguments (the stub dies with `stol`), shell syntax would run, non-ASCII fails to encode.
+BACKEND_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@=,:~-]+")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,17 @@ def python_backend_dir(root: Path, cache: Path) -> Path:
     return target
 
 
+def check_backend_path(path: Path, what: str) -> None:
+    """UserError unless the python backend can start its stubs from ``path`` (see BACKEND_SAFE_PATH)."""
+    text = str(path)
+    if not BACKEND_SAFE_PATH.fullmatch(text):
+        odd = sorted({c for c in text if not BACKEND_SAFE_PATH.fullmatch(c)})
+        raise UserError(
+            f"{what} {text!r} holds {''.join(odd)!r}: Triton's python backend cannot start models from a path with "
+            "spaces, non-ASCII or shell characters; use a path of letters, digits and ._/+@=,:~- only"
+        )
+
+
 def find_server(explicit: Path | None = None) -> ServerBinary:
     """The tritonserver to run (see the module docstring for the order)."""
     if explicit is not None:
@@ -83,7 +98,9 @@ def find_server(explicit: Path | None = None) -> ServerBinary:
     if root is None:
         raise UserError("no tritonserver found: install nvidia-pytriton (pip) or put tritonserver on PATH")
     libs = root.parent.parent / "nvidia_pytriton.libs"
-    return ServerBinary(root / "bin" / "tritonserver", python_backend_dir(root, cache_dir()), (libs,))
+    backend_dir = python_backend_dir(root, cache_dir())
+    check_backend_path(backend_dir, "the python backend folder (under XDG_CACHE_HOME)")
+    return ServerBinary(root / "bin" / "tritonserver", backend_dir, (libs,))
 
 
 def server_environment(binary: ServerBinary, plugin_lib: Path | None = None) -> dict[str, str]:

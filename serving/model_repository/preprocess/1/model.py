@@ -1,17 +1,20 @@
 """Triton python model ``preprocess``: encoded image bytes -> the model's fixed-size uint8 input and each image's
-geometry. The logic (guarded decoding, the test resize) is in ``serving.imaging``."""
+geometry, tagged for postprocess (``serving.step_guard``). The logic (guarded decoding, the test resize) is in
+``serving.imaging``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.contract import GEOMETRY, INPUT
-from serving.imaging import ImageError, InputPolicy, decode_image, prepare_image
-from serving.python_models import Arrays, RequestError, input_array, parameter, respond_each, stack_outputs
+from serving.contract import GEOMETRY, GEOMETRY_TAG, INPUT
+from serving.imaging import ImageError, decode_image, prepare_image
+from serving.python_models import Arrays, RequestError, input_array, input_policy, respond_each, stack_outputs
+from serving.step_guard import geometry_tag, read_key
 
 
 class TritonPythonModel:
@@ -20,9 +23,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         height, width = (int(d) for d in pb_utils.get_output_config_by_name(config, "images")["dims"][1:])
-        self.policy = InputPolicy(
-            height, width, int(parameter(config, "test_size")), int(parameter(config, "max_size"))
-        )
+        self.policy = input_policy(config, height, width)
+        self.key = read_key(Path(args["model_repository"]))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, "preprocess", requests, self.handle)
@@ -38,5 +40,5 @@ class TritonPythonModel:
                 images, geometry = prepare_image(decode_image(data), self.policy)
             except ImageError as error:
                 raise RequestError(f"{where}: {error}") from None
-            items.append({"images": images, GEOMETRY: geometry})
+            items.append({"images": images, GEOMETRY: geometry, GEOMETRY_TAG: geometry_tag(self.key, geometry)})
         return stack_outputs(items)
