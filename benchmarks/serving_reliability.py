@@ -281,7 +281,10 @@ def mixed_markdown(m: dict[str, Any], o: dict[str, Any]) -> list[str]:
         f"({o['server_rss_growth_mb']:+.1f} MB); a good request answered afterwards: "
         f"{o['good_request_answered_after']}.",
         "- tritonserver 2.51 has no option bounding a gRPC message's size (`tritonserver --help` lists none), so "
-        "Triton receives the whole message before preprocess refuses it.",
+        "Triton receives the whole message before preprocess refuses it. The server runs with "
+        "`--grpc-infer-allocation-pool-size=0`, so no request object keeps a large message's memory for reuse; the "
+        "growth left is the python backend's shared-memory region that carried the image to preprocess (counted in "
+        "the server's and the stub's RSS alike), which stays as large as the largest request.",
         "",
     ]
 
@@ -289,7 +292,7 @@ def mixed_markdown(m: dict[str, Any], o: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     s, k = report["soak"], report["kill"]
     lines = [
-        "# Serving reliability: soak and kill",
+        "# Serving reliability: soak, mixed soak, oversized requests and kill",
         "",
         f"{report['machine']}; {report['date']}. Model: {report['model']}, served at {SIZE}x{SIZE} by the pip-bundled "
         f"tritonserver (python backend, ONNX Runtime, 1 thread). 1-minute load average "
