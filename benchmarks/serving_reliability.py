@@ -281,10 +281,11 @@ def mixed_markdown(m: dict[str, Any], o: dict[str, Any]) -> list[str]:
         f"({o['server_rss_growth_mb']:+.1f} MB); a good request answered afterwards: "
         f"{o['good_request_answered_after']}.",
         "- tritonserver 2.51 has no option bounding a gRPC message's size (`tritonserver --help` lists none), so "
-        "Triton receives the whole message before preprocess refuses it. The server runs with "
-        "`--grpc-infer-allocation-pool-size=0`, so no request object keeps a large message's memory for reuse; the "
-        "growth left is the python backend's shared-memory region that carried the image to preprocess (counted in "
-        "the server's and the stub's RSS alike), which stays as large as the largest request.",
+        "Triton receives the whole message before preprocess refuses it. The server runs without its request-object "
+        "pool (`--grpc-infer-allocation-pool-size=0`) and with a fixed glibc mmap threshold "
+        "(`MALLOC_MMAP_THRESHOLD_`), so large messages are returned to the system when freed; the growth left is "
+        "the python backend's shared-memory region that carried the image to preprocess (counted in the server's "
+        "and the stub's RSS alike), which stays as large as the largest request.",
         "",
     ]
 

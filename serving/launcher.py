@@ -232,11 +232,7 @@ def server_command(binary_path: Path, backend_dir: Path | None, repo: Path, host
         "--disable-auto-complete-config",
         "--exit-on-error=true",
         "--strict-readiness=true",
-        # tritonserver 2.51 has no option bounding a gRPC message (up to 2 GB are accepted; preprocess refuses an
-        # image over 20 MB only afterwards). By default it keeps up to 8 request objects for reuse, each holding the
-        # largest message it carried: 3 oversized 100 MB requests grew the server by 407 MB, still growing; without
-        # the pool by 170 MB, then no more (benchmarks/serving_reliability.py measures it).
-        "--grpc-infer-allocation-pool-size=0",
+        "--grpc-infer-allocation-pool-size=0",  # no request object keeps a large message (server_binary.py)
     ]
     if ports.metrics:
         command += [f"--metrics-address={host}", f"--metrics-port={ports.metrics}", "--allow-gpu-metrics=false"]
