@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -25,7 +26,7 @@ from serving.contract import ENSEMBLE, MAX_IMAGE_SIDE, MODEL, POSTPROCESS, PREPR
 from serving.server_binary import check_backend_path
 from serving.step_guard import TAG_BYTES, write_key
 from training.errors import UserError
-from training.fileio import atomic_write, atomic_write_text
+from training.fileio import atomic_write
 
 TEMPLATES = Path(__file__).parent / "model_repository"
 FLAVOURS = {"python": "model_python", "onnxruntime": "model_onnxruntime", "tensorrt": "model_tensorrt"}
@@ -260,9 +261,20 @@ def model_file_copies(source: Path, target: Path) -> list[tuple[Path, Path]]:
     return copies
 
 
-def copy_file(source: Path, target: Path) -> None:
+def write_readable(target: Path, write: Callable[[Path], None]) -> None:
+    """An atomic write of a file others may read (0644; the temporary file it renames is the owner's only): a
+    Triton container may run as another user. Only the step key stays private."""
+
+    def readable(tmp: Path) -> None:
+        write(tmp)
+        tmp.chmod(0o644)
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+    atomic_write(target, readable)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    write_readable(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def prepare_repository(
@@ -297,7 +309,7 @@ def prepare_repository(
         config = config_text(TEMPLATES / template / "config.pbtxt", values, step_parameters(template, model, settings))
         shutil.copytree(TEMPLATES / template, repo / step, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (repo / step / "1").mkdir(exist_ok=True)
-        atomic_write_text(repo / step / "config.pbtxt", config)
+        write_readable(repo / step / "config.pbtxt", lambda tmp, text=config: tmp.write_text(text))
     write_key(repo)
     for origin, target in copies:
         copy_file(origin, target)
