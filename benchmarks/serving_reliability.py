@@ -1,9 +1,18 @@
-"""Serving reliability: a soak under concurrent load, and a server killed mid-load and brought back by the CLI.
+"""Serving reliability: a soak under concurrent load, a mixed soak of good and bad requests, oversized requests,
+and a server killed mid-load and brought back by the CLI.
 
 - Soak: 8 concurrent clients (half with system shared memory) send images back to back for a fixed duration (60 s;
   quick 5 s) after a warm-up. Every request must be answered (errors: 0) with the same detections each time
   (mismatches: 0). Server memory: the resident set (VmRSS) of tritonserver and its python-backend stubs after the
   warm-up and at the end.
+- Mixed soak: 16 clients, 12 sending good images (half with shared memory) and 4 sending bad requests
+  (``benchmarks.bad_requests``: corrupt and lying images, wrong dtypes, internal steps called directly with made-up
+  sizes), bounded in time (30 s; quick 5 s) and in count (each bad client at most 200 requests; quick 20). The good
+  requests' errors must be 0 and every bad one refused with INVALID_ARGUMENT; reported: the good requests' p50/p99
+  and the server's memory growth.
+- Oversize: images over the 20 MB limit (3 of 100 MB; quick 2 of 25 MB) sent to the ensemble one after another.
+  tritonserver 2.51 has no flag that bounds a gRPC message (its ``--help`` lists none; messages up to 2 GB are
+  accepted), so each is refused only by preprocess: reported is what they cost the server's memory.
 - Kill: a few clients load the same server, it gets SIGKILL mid-load. Every call in flight and every one after
   must end with a ServingError naming the server unavailable (status UNAVAILABLE, not a timeout). Then
   ``freesolo serve start`` on the same repository and ports (the CLI, in this process) must start it again although
@@ -27,14 +36,17 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bad_requests import BadResult, oversize_requests, run_bad_clients
 from benchmarks.loadgen import Load, LoadResult, LoadSpec, generate
 from benchmarks.reporting import machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, free_ports, photographs, progress
+from serving.contract import MAX_IMAGE_BYTES
 from serving.launcher import SHM_DIR, STUB_REGION, ServerState, read_state
 from serving.processes import PROC, command_line, family, is_running
 from serving.repository import Settings, prepare_repository
@@ -47,6 +59,9 @@ SOAK_CLIENTS = 8
 KILL_CLIENTS = 3
 KILL_TIMEOUT_S = 10.0
 KILL_REQUESTS = 60  # the kill comes after the first answers; the rest fail fast
+MIXED_CLIENTS = 16
+MIXED_BAD_CLIENTS = 4
+MB = 1024 * 1024
 
 
 def rss_mb(pids: set[int]) -> float:
@@ -97,6 +112,65 @@ def soak(state: ServerState, images: Sequence[bytes], duration_s: float, clients
         "server_rss_growth_mb": round(after - before, 1),
         "server_rss_growth_percent": round(100 * (after - before) / before, 2) if before else None,
         "server_processes": len(server_processes(state.pid)),
+    }
+
+
+def mixed_soak(
+    state: ServerState,
+    images: Sequence[bytes],
+    duration_s: float,
+    bad_per_client: int,
+    clients: int = MIXED_CLIENTS,
+    bad_clients: int = MIXED_BAD_CLIENTS,
+) -> dict:
+    """Good clients for ``duration_s`` while ``bad_clients`` send bad requests (at most ``bad_per_client`` each);
+    the good requests' errors and latency, the bad requests' refusals, the server's memory before and after."""
+    good_clients = clients - bad_clients
+    asyncio.run(mixed(state.grpc_url, images, good_clients, requests=good_clients, warmup=1))
+    before = rss_mb(server_processes(state.pid))
+    bad, stop = BadResult(), threading.Event()
+    threads = run_bad_clients(state.grpc_url, images[0], bad_clients, bad_per_client, stop, bad)
+    results = asyncio.run(mixed(state.grpc_url, images, good_clients, duration_s=duration_s, warmup=0))
+    stop.set()
+    for thread in threads:
+        thread.join(120.0)
+    after = rss_mb(server_processes(state.pid))
+    latencies = [r.row()["latency"] for r in results]
+    return {
+        "clients": clients,
+        "good_clients": good_clients,
+        "bad_clients": bad_clients,
+        "duration_s": duration_s,
+        "good_requests": sum(r.ok + r.error_count for r in results),
+        "good_ok": sum(r.ok for r in results),
+        "good_errors": sum(r.error_count for r in results),
+        "good_error_kinds": {kind: e.first for r in results for kind, e in r.errors.items()},
+        "good_mismatches": sum(r.mismatches for r in results),
+        "good_latency_shm_off": latencies[0],
+        "good_latency_shm_on": latencies[1],
+        "good_p99_ms": max(latency["p99_ms"] for latency in latencies),
+        "bad": bad.row(),
+        "server_rss_mb_before": before,
+        "server_rss_mb_after": after,
+        "server_rss_growth_mb": round(after - before, 1),
+    }
+
+
+def oversize(state: ServerState, images: Sequence[bytes], count: int, size_bytes: int) -> dict:
+    """``count`` oversized images sent one after another: refusals and the server's memory growth."""
+    before = rss_mb(server_processes(state.pid))
+    refused, seconds = oversize_requests(state.grpc_url, count, size_bytes)
+    after = rss_mb(server_processes(state.pid))
+    still = generate(LoadSpec(state.grpc_url, images[:1], requests=1, warmup=0))
+    return {
+        "requests": count,
+        "request_mb": round(size_bytes / MB, 1),
+        "refused_by_size": refused,
+        "seconds": seconds,
+        "server_rss_mb_before": before,
+        "server_rss_mb_after": after,
+        "server_rss_growth_mb": round(after - before, 1),
+        "good_request_answered_after": still.ok == 1,
     }
 
 
@@ -184,10 +258,42 @@ def kill_and_restart(
     }
 
 
+def mixed_markdown(m: dict[str, Any], o: dict[str, Any]) -> list[str]:
+    bad = m["bad"]
+    return [
+        f"## Mixed soak: {m['good_clients']} good and {m['bad_clients']} bad clients, {m['duration_s']:g} s",
+        "",
+        "| good requests | good errors | mismatches | p50 / p99 ms (shm off) | p50 / p99 ms (shm on) | bad sent | "
+        "bad refused | server RSS before | after | growth |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {m['good_requests']} | {m['good_errors']} | {m['good_mismatches']} | "
+        f"{m['good_latency_shm_off']['p50_ms']:.0f} / {m['good_latency_shm_off']['p99_ms']:.0f} | "
+        f"{m['good_latency_shm_on']['p50_ms']:.0f} / {m['good_latency_shm_on']['p99_ms']:.0f} | {bad['sent']} | "
+        f"{bad['refused']} | {m['server_rss_mb_before']:.0f} MB | {m['server_rss_mb_after']:.0f} MB | "
+        f"{m['server_rss_growth_mb']:+.1f} MB |",
+        "",
+        *[f"- good request error `{kind}`: {first}" for kind, first in m["good_error_kinds"].items()],
+        *[f"- bad request not refused as expected: `{kind}` x {count}" for kind, count in bad["unexpected"].items()],
+        f"## Oversize: {o['requests']} images of {o['request_mb']:g} MB (limit {MAX_IMAGE_BYTES / MB:g} MB)",
+        "",
+        f"- {o['refused_by_size']} refused by preprocess's byte limit in {o['seconds']:.1f} s; server RSS "
+        f"{o['server_rss_mb_before']:.0f} MB before, {o['server_rss_mb_after']:.0f} MB after "
+        f"({o['server_rss_growth_mb']:+.1f} MB); a good request answered afterwards: "
+        f"{o['good_request_answered_after']}.",
+        "- tritonserver 2.51 has no option bounding a gRPC message's size (`tritonserver --help` lists none), so "
+        "Triton receives the whole message before preprocess refuses it. The server runs without its request-object "
+        "pool (`--grpc-infer-allocation-pool-size=0`) and with a fixed glibc mmap threshold "
+        "(`MALLOC_MMAP_THRESHOLD_`), so large messages are returned to the system when freed; the growth left is "
+        "the python backend's shared-memory region that carried the image to preprocess (counted in the server's "
+        "and the stub's RSS alike), which stays as large as the largest request.",
+        "",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, k = report["soak"], report["kill"]
     lines = [
-        "# Serving reliability: soak and kill",
+        "# Serving reliability: soak, mixed soak, oversized requests and kill",
         "",
         f"{report['machine']}; {report['date']}. Model: {report['model']}, served at {SIZE}x{SIZE} by the pip-bundled "
         f"tritonserver (python backend, ONNX Runtime, 1 thread). 1-minute load average "
@@ -208,6 +314,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"RSS of tritonserver and its {s['server_processes'] - 1} python-backend stubs (VmRSS).",
         *[f"- error `{kind}`: {first}" for kind, first in s["error_kinds"].items()],
         "",
+        *mixed_markdown(report["mixed_soak"], report["oversize"]),
         f"## Kill: SIGKILL to tritonserver under load ({k['clients']} clients, timeout {k['timeout_s']:g} s)",
         "",
     ]
@@ -257,6 +364,10 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
             assert state is not None
             progress(f"{STEM}: soak")
             report["soak"] = soak(state, images, 5.0 if quick else 60.0)
+            progress(f"{STEM}: mixed soak")
+            report["mixed_soak"] = mixed_soak(state, images, 5.0 if quick else 30.0, 20 if quick else 200)
+            progress(f"{STEM}: oversize requests")
+            report["oversize"] = oversize(state, images, *((2, 25 * MB) if quick else (3, 100 * MB)))
             progress(f"{STEM}: kill and restart")
             report["kill"] = kill_and_restart(repo, images)
         finally:

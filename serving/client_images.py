@@ -2,12 +2,15 @@
 
 Torch-free (the client side of serving must not need torch). Files in other formats PIL reads (BMP, WebP, TIFF, ...)
 and numpy arrays are encoded as PNG here, so the server never sees them; bytes go as they are, and the server checks
-them. Inputs over the server's byte limit fail here, before they cross the wire.
+them. Inputs over the server's byte limit fail here, before they cross the wire, and a file's size is checked
+before it is read (a huge file or a device never fills the client's memory).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +44,24 @@ def array_bytes(image: np.ndarray) -> bytes:
     return png_bytes(np.ascontiguousarray(image))
 
 
+def read_bounded(path: Path) -> bytes:
+    """A regular file's bytes, refused from its size before it is read (and read no further than the limit)."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{info.st_size} bytes, more than the server's limit of {MAX_IMAGE_BYTES} (send JPEG or PNG)")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_IMAGE_BYTES + 1)  # the file may have grown since the stat
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"more than the server's limit of {MAX_IMAGE_BYTES} bytes (the file grew while read)")
+    return data
+
+
 def file_bytes(path: Path) -> bytes:
     """A JPEG or PNG file's own bytes; any other image PIL reads, as PNG."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path)
     except FileNotFoundError:
         raise ValueError("image not found") from None
     except OSError as error:

@@ -21,9 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.processes import command_line, is_running, orphans, signal_all, start_time, stop_tree, wait_gone
-from serving.server_binary import find_server, server_environment
+from serving.processes import (
+    PROC,
+    command_line,
+    family,
+    is_running,
+    orphans,
+    signal_all,
+    start_time,
+    stop_tree,
+    wait_gone,
+)
+from serving.server_binary import check_backend_path, find_server, server_environment
 from training.errors import UserError
+from training.fileio import atomic_write_text
 
 STATE_FILE = "server.json"
 LOG_FILE = "server.log"
@@ -127,10 +138,32 @@ def clean_up_after(pid: int) -> str:
     return done + (f"; processes {sorted(survivors)} survived SIGKILL" if survivors else "")
 
 
+def mapped_regions(pids: set[int]) -> set[str]:
+    """The python backend's shared-memory regions (names in /dev/shm) that these processes have mapped."""
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            names |= set(STUB_REGION.findall((PROC / str(pid) / "maps").read_text()))
+        except OSError:  # gone meanwhile
+            continue
+    return names
+
+
+def stop_and_clean(pid: int, timeout: float) -> set[int]:
+    """``stop_tree`` plus the shared-memory regions the server and its stubs had mapped: a server stopped while its
+    models load (a failed or interrupted start) does not unlink them itself. Returns the survivors."""
+    regions = mapped_regions({pid, *family(pid)})
+    leftover = stop_tree(pid, timeout)
+    for name in regions:
+        (SHM_DIR / name).unlink(missing_ok=True)
+    return leftover
+
+
 def check_repository(repo: Path) -> None:
     """Fail early on a folder that cannot be a model repository (the server checks the rest)."""
     if not repo.is_dir():
         raise UserError(f"--repo {repo}: no such folder (create one with `freesolo serve prepare`)")
+    check_backend_path(repo, "--repo")
     if not any((entry / "config.pbtxt").is_file() for entry in repo.iterdir() if entry.is_dir()):
         raise UserError(f"--repo {repo} holds no model (no */config.pbtxt); create it with `freesolo serve prepare`")
 
@@ -199,6 +232,7 @@ def server_command(binary_path: Path, backend_dir: Path | None, repo: Path, host
         "--disable-auto-complete-config",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        "--grpc-infer-allocation-pool-size=0",  # no request object keeps a large message (server_binary.py)
     ]
     if ports.metrics:
         command += [f"--metrics-address={host}", f"--metrics-port={ports.metrics}", "--allow-gpu-metrics=false"]
@@ -247,17 +281,17 @@ def start_server(
     state = ServerState(
         process.pid, started, host, ports.http, ports.grpc, ports.metrics, str(binary.path), str(log_path)
     )
-    (repo / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    atomic_write_text(repo / STATE_FILE, json.dumps(asdict(state), indent=1))
     log(f"tritonserver pid {process.pid} ({binary.path}), log {log_path}; waiting for the models (<= {timeout:g} s)")
     begin = time.monotonic()
     try:
         problem = wait_until_ready(process, state, timeout)
     except BaseException:  # Ctrl-C while waiting: leave nothing running
-        stop_tree(process.pid, 10.0)
+        stop_and_clean(process.pid, 10.0)
         (repo / STATE_FILE).unlink(missing_ok=True)
         raise
     if problem is not None:
-        stop_tree(process.pid, 10.0)
+        stop_and_clean(process.pid, 10.0)
         process.poll()
         (repo / STATE_FILE).unlink(missing_ok=True)
         what, details = problem
@@ -290,7 +324,7 @@ def stop_server(repo: Path, timeout: float = 30.0) -> ServerState | None:
     state = running_state(repo)
     if state is None:
         return None
-    leftover = stop_tree(state.pid, timeout)
+    leftover = stop_and_clean(state.pid, timeout)
     (repo / STATE_FILE).unlink(missing_ok=True)
     if leftover:
         raise UserError(f"processes {sorted(leftover)} of the server survived SIGKILL")

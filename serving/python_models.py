@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from training.geometry import InputPolicy
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -25,6 +27,13 @@ def parameter(config: dict[str, Any], key: str) -> str:
         return str(config["parameters"][key]["string_value"])
     except KeyError:
         raise RuntimeError(f"model {config.get('name')}: config.pbtxt has no parameter {key!r}") from None
+
+
+def input_policy(config: dict[str, Any], height: int, width: int) -> InputPolicy:
+    """The served input policy: the model's H x W (-1 x -1: dynamic) and the test resize's parameters from the
+    config."""
+    test_size, max_size = int(parameter(config, "test_size")), int(parameter(config, "max_size"))
+    return InputPolicy(height, width, height == -1, test_size, max_size)
 
 
 def input_array(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -21,7 +22,17 @@ from pathlib import Path
 from training.errors import UserError
 
 STUB = "triton_python_backend_stub"
+# tritonserver 2.51 has no option bounding a gRPC message (up to 2 GB are accepted; preprocess refuses an image over
+# 20 MB only once it is received). Two things kept such messages' memory: its pool of request objects (each keeps
+# its largest message for reuse; the launcher turns it off) and glibc's sliding mmap threshold, which moves large
+# buffers onto the heap, where they stay; a fixed threshold keeps them in mappings returned when freed. Measured with
+# 12 oversized 30 MB requests: the server's RSS grew from 38 to 218 MB by default, to 81 MB (after the first, then
+# flat) with both (the rest is the python backend's region that carried the image); either one alone still grew.
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+# The python backend starts each stub through a shell command line that it does not quote: a path with a space
+# splits into two arguments (the stub dies with `stol`), shell syntax would run, non-ASCII fails to encode.
+BACKEND_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@=,:~-]+")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,17 @@ def python_backend_dir(root: Path, cache: Path) -> Path:
     return target
 
 
+def check_backend_path(path: Path, what: str) -> None:
+    """UserError unless the python backend can start its stubs from ``path`` (see BACKEND_SAFE_PATH)."""
+    text = str(path)
+    if not BACKEND_SAFE_PATH.fullmatch(text):
+        odd = sorted({c for c in text if not BACKEND_SAFE_PATH.fullmatch(c)})
+        raise UserError(
+            f"{what} {text!r} holds {''.join(odd)!r}: Triton's python backend cannot start models from a path with "
+            "spaces, non-ASCII or shell characters; use a path of letters, digits and ._/+@=,:~- only"
+        )
+
+
 def find_server(explicit: Path | None = None) -> ServerBinary:
     """The tritonserver to run (see the module docstring for the order)."""
     if explicit is not None:
@@ -83,15 +105,19 @@ def find_server(explicit: Path | None = None) -> ServerBinary:
     if root is None:
         raise UserError("no tritonserver found: install nvidia-pytriton (pip) or put tritonserver on PATH")
     libs = root.parent.parent / "nvidia_pytriton.libs"
-    return ServerBinary(root / "bin" / "tritonserver", python_backend_dir(root, cache_dir()), (libs,))
+    backend_dir = python_backend_dir(root, cache_dir())
+    check_backend_path(backend_dir, "the python backend folder (under XDG_CACHE_HOME)")
+    return ServerBinary(root / "bin" / "tritonserver", backend_dir, (libs,))
 
 
 def server_environment(binary: ServerBinary, plugin_lib: Path | None = None) -> dict[str, str]:
-    """The server's environment: this Python's libpython first, the venv's bin first, an optional preload."""
+    """The server's environment: this Python's libpython first, the venv's bin first, a fixed mmap threshold (unless
+    set already), an optional preload."""
     env = dict(os.environ)
     libraries = [str(Path(sys.base_prefix) / "lib"), *(str(d) for d in binary.library_dirs)]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, *filter(None, [env.get("LD_LIBRARY_PATH")])])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     if plugin_lib is not None:
         if not plugin_lib.is_file():
             raise UserError(f"--plugin-lib {plugin_lib} not found")

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.loadgen import LoadSpec, generate
 from benchmarks.loadgen import main as loadgen
-from benchmarks.serving_reliability import kill_and_restart, soak
+from benchmarks.serving_reliability import MB, kill_and_restart, mixed_markdown, mixed_soak, oversize, soak
 from benchmarks.serving_setup import photographs
 from serving.launcher import ServerState
 from serving.server_binary import pytriton_root
@@ -78,6 +78,22 @@ def test_a_short_soak_has_no_errors_and_a_memory_figure(shared_server: ServerSta
     assert result["ok"] > 0 and result["errors"] == 0 and result["mismatches"] == 0
     assert result["server_rss_mb_after_warmup"] > 0 and result["server_rss_mb_at_end"] > 0
     assert result["server_processes"] == 4  # tritonserver and the stubs of preprocess, model and postprocess
+
+
+def test_a_mixed_soak_refuses_every_bad_request_and_no_good_one(
+    shared_server: ServerState, images: list[bytes]
+) -> None:
+    """The quick mixed soak: good clients beside bad ones (bounded: 2 s, 7 bad requests each, one of every kind),
+    then oversized images; the good requests see no error, every bad one is refused, the figures are reported."""
+    result = mixed_soak(shared_server, images, duration_s=2.0, bad_per_client=7, clients=6, bad_clients=2)
+    assert result["good_ok"] > 0 and result["good_errors"] == 0 and result["good_mismatches"] == 0
+    assert result["bad"] == {"sent": 14, "refused": 14, "unexpected": {}}
+    assert result["good_p99_ms"] > 0 and result["server_rss_mb_before"] > 0 and result["server_rss_mb_after"] > 0
+    big = oversize(shared_server, images, count=1, size_bytes=21 * MB)
+    assert big["refused_by_size"] == 1 and big["good_request_answered_after"]
+    assert big["server_rss_mb_after"] > 0 and "server_rss_growth_mb" in big
+    page = "\n".join(mixed_markdown(result, big))
+    assert "| good requests | good errors |" in page and "refused by preprocess's byte limit" in page
 
 
 def test_a_killed_server_fails_fast_and_the_cli_brings_it_back(

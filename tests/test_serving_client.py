@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from serving.contract import MAX_IMAGE_BYTES
 from serving.launcher import ServerState
 from serving.server_binary import pytriton_root
 from training.cli import main
@@ -31,6 +33,7 @@ grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serving.client import AsyncFreeSOLOClient, FreeSOLOClient, ImageInputError, ServingError  # noqa: E402
+from serving.client_images import encode_image  # noqa: E402
 
 needs_server = pytest.mark.skipif(pytriton_root() is None, reason="no tritonserver (nvidia-pytriton)")
 Results = list[list[dict[str, Any]]]
@@ -55,6 +58,24 @@ def test_the_client_imports_without_torch() -> None:
     done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok []"
+
+
+def test_a_file_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as handle:  # sparse: 64 MiB long, no disk used
+        handle.truncate(64 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            ImageInputError, match=f"{64 * 2**20} bytes, more than the server's limit of {MAX_IMAGE_BYTES}"
+        ):
+            encode_image(huge, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes allocated to refuse it"  # the file was never read
+    with pytest.raises(ImageInputError, match="not a regular file"):
+        encode_image(tmp_path, 0)
 
 
 @pytest.fixture(scope="module")

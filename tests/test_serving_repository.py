@@ -1,5 +1,7 @@
 """`freesolo serve prepare`: every flavour's configs parse against Triton's model-config schema, the ensemble is
-wired to its steps' real inputs and outputs, sizes come from the model, and user mistakes get clear errors.
+wired to its steps' real inputs and outputs, sizes come from the model, and user mistakes get clear errors. What a
+model file states is data: metadata cannot add config syntax, and external data cannot point outside the model's
+folder.
 
 The ONNX files here are stand-ins built by hand (prepare reads only the input shape and the metadata), so these
 tests need neither torch nor a server."""
@@ -7,27 +9,45 @@ tests need neither torch nor a server."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from google.protobuf import text_format
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2
 
 from serving.contract import CONFIG_TYPES, ENSEMBLE, INPUT, OUTPUTS
 from serving.repository import Settings, prepare_repository
+from serving.step_guard import KEY_FILE
 from training.cli import main
 from training.errors import UserError
 
 CLASSES = ["ellipse", 'star "quoted"']
 
 
-def stand_in_onnx(path: Path, height: int | str = 128, width: int | str = 96, metadata: bool = True) -> Path:
-    """An ONNX file with the contract's input and a freesolo metadata block (K = 7)."""
+def stand_in_onnx(
+    path: Path,
+    height: int | str = 128,
+    width: int | str = 96,
+    metadata: bool = True,
+    overrides: dict[str, str] | None = None,
+    external: str | None = None,
+) -> Path:
+    """An ONNX file with the contract's input and a freesolo metadata block (K = 7), metadata ``overrides``, and an
+    initializer stored at the external-data ``location`` given as ``external``."""
     images = helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 3, height, width])
     out = helper.make_tensor_value_info("num_dets", TensorProto.UINT8, ["batch", 3, height, width])
     graph = helper.make_graph([helper.make_node("Identity", ["images"], ["num_dets"])], "g", [images], [out])
+    if external is not None:
+        weights = numpy_helper.from_array(np.arange(4, dtype=np.float32), "weights")
+        weights.ClearField("raw_data")
+        weights.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external), ("offset", "0"), ("length", "16")):
+            weights.external_data.add(key=key, value=value)
+        graph.initializer.append(weights)
     model = helper.make_model(graph)
     if metadata:
         size = {"height": 160, "width": 224, "dynamic": isinstance(height, str), "test_size": 128, "max_size": 224}
@@ -37,7 +57,7 @@ def stand_in_onnx(path: Path, height: int | str = 128, width: int | str = 96, me
             "freesolo.class_names": json.dumps(CLASSES),
             "freesolo.category_ids": json.dumps([1, 2]),
         }
-        helper.set_model_props(model, props)
+        helper.set_model_props(model, props | (overrides or {}))
     onnx.save(model, str(path))
     return path
 
@@ -156,3 +176,85 @@ def test_cli_prepare(stand_in: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "128x96 input, K=7, max batch 2" in capsys.readouterr().out
     assert main(args) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+INJECTION = '128" } } parameters { key: "EXECUTION_ENV_PATH" value { string_value: "/attacker/env" } } # '
+POLICY = {"height": 160, "width": 224, "test_size": 128, "max_size": 224}
+# The parameters each step's config may hold: all written by `serve prepare` itself, none named by the model file.
+STEP_PARAMETERS = {
+    "freesolo": {"class_names", "category_ids"},
+    "preprocess": {"EXECUTION_ENV_PATH", "test_size", "max_size"},
+    "postprocess": {"EXECUTION_ENV_PATH", "test_size", "max_size"},
+    "model": {"EXECUTION_ENV_PATH", "intra_op_thread_count"},
+}
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("freesolo.input_size", json.dumps(POLICY | {"test_size": INJECTION}), "test_size must be an integer"),
+        ("freesolo.input_size", json.dumps(POLICY | {"max_size": INJECTION}), "max_size must be an integer"),
+        ("freesolo.input_size", json.dumps(POLICY | {"height": 10**9}), "height must be an integer from 1 to"),
+        ("freesolo.input_size", json.dumps(POLICY | {"test_size": True}), "test_size must be an integer"),
+        ("freesolo.input_size", INJECTION, "freesolo.input_size is not a JSON dict"),
+        ("freesolo.input_size", "[128, 128]", "freesolo.input_size is not a JSON dict"),
+        ("freesolo.max_per_img", "7 ] }\n" + INJECTION, "max_per_img must be an integer"),
+        ("freesolo.max_per_img", "100000", "max_per_img must be an integer from 1 to"),
+        ("freesolo.category_ids", json.dumps([1, INJECTION]), "category id must be an integer"),
+        ("freesolo.class_names", json.dumps(["ok", "tab\there"]), "printable characters"),
+        ("freesolo.class_names", json.dumps({"0": "a"}), "freesolo.class_names is not a JSON list"),
+    ],
+)
+def test_metadata_that_is_not_plain_data_is_refused(tmp_path: Path, key: str, value: str, message: str) -> None:
+    model = stand_in_onnx(tmp_path / "crafted.onnx", "height", "width", overrides={key: value})
+    repo = tmp_path / "repo"
+    with pytest.raises(UserError, match=message) as error:
+        prepare_repository(model, repo, Settings())
+    assert "\n" not in str(error.value)  # one line
+    assert not repo.exists()  # refused before anything was written
+
+
+def test_strings_from_the_model_reach_the_configs_as_data(tmp_path: Path) -> None:
+    names = [INJECTION, 'a "quoted" \\ name', "défini 🐈"]
+    model = stand_in_onnx(tmp_path / "crafted.onnx", overrides={"freesolo.class_names": json.dumps(names)})
+    prepare_repository(model, tmp_path / "repo", Settings())
+    configs = parse_configs(tmp_path / "repo")
+    for step, config in configs.items():
+        assert set(config.parameters) <= STEP_PARAMETERS[step], step
+        assert all("/attacker/env" not in v.string_value for k, v in config.parameters.items() if k != "class_names")
+    assert configs["preprocess"].parameters["EXECUTION_ENV_PATH"].string_value != "/attacker/env"
+    assert json.loads(configs["freesolo"].parameters["class_names"].string_value) == names
+    assert (tmp_path / "repo" / KEY_FILE).stat().st_mode & 0o077 == 0  # the step key: the owner's only
+
+
+def test_external_data_must_stay_in_the_models_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(bytes(16))
+    models = tmp_path / "models"
+    (models / "data").mkdir(parents=True)
+    (models / "link.bin").symlink_to(outside)
+    (models / "data" / "weights.bin").write_bytes(bytes(16))
+    for location in ("../outside.bin", str(outside), "link.bin", "data/../../outside.bin"):
+        model = stand_in_onnx(models / "crafted.onnx", external=location)
+        repo = tmp_path / "repo"
+        with pytest.raises(UserError, match="leaves the model's folder") as error:
+            prepare_repository(model, repo, Settings())
+        assert "\n" not in str(error.value) and not repo.exists(), location
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "outside.bin"]  # nothing written beside
+
+    model = stand_in_onnx(models / "inside.onnx", external="data/weights.bin")
+    prepare_repository(model, tmp_path / "repo", Settings())
+    assert (tmp_path / "repo" / "model" / "1" / "data" / "weights.bin").read_bytes() == bytes(16)
+    with pytest.raises(UserError, match=r"external data file 'missing\.bin' is missing"):
+        prepare_repository(stand_in_onnx(models / "m.onnx", external="missing.bin"), tmp_path / "r2", Settings())
+
+
+@pytest.mark.parametrize("folder", ["with space", "naïve", "semi;colon", "$(touch x)"])
+def test_repository_paths_the_python_backend_cannot_start_from_are_refused(
+    stand_in: Path, tmp_path: Path, folder: str
+) -> None:
+    repo = tmp_path / folder / "repo"
+    with pytest.raises(UserError, match="python backend cannot start models from a path") as error:
+        prepare_repository(stand_in, repo, Settings())
+    assert "\n" not in str(error.value) and not repo.exists()
+    assert os.listdir(tmp_path) == ["fixed.onnx"]

@@ -20,9 +20,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.contract import ENSEMBLE, INPUT, MAX_IMAGE_BYTES, MODEL, POSTPROCESS, PREPROCESS
+from serving.contract import (
+    ENSEMBLE,
+    GEOMETRY,
+    GEOMETRY_TAG,
+    INPUT,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_SIDE,
+    MODEL,
+    POSTPROCESS,
+    PREPROCESS,
+)
 from serving.launcher import ServerState
-from serving.processes import family, is_running
+from serving.processes import PROC, family, is_running
 from serving.server_binary import pytriton_root
 
 grpc = pytest.importorskip("tritonclient.grpc")
@@ -282,3 +292,91 @@ TRITON_CHECKED = {
     "trailing bytes",
     "unknown model",
 }
+
+
+def resident_bytes(pids: set[int]) -> int:
+    """The summed resident memory of ``pids`` (VmRSS)."""
+    total = 0
+    for pid in pids:
+        status = (PROC / str(pid) / "status").read_text()
+        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    return total
+
+
+def test_postprocess_takes_only_what_preprocess_produced(
+    shared_server: ServerState, pictures: list[np.ndarray]
+) -> None:
+    """Called directly (as any client may), postprocess refuses geometry that preprocess did not produce: sizes
+    past the image limits, a resize the input policy would not give, or a made-up tag; K full masks at 4000 x 4000
+    (which stalled the server) and 100000 x 100000 (a 74.5 GiB allocation) are refused before any allocation, and the
+    server answers the next good request as before."""
+    url = shared_server.grpc_url
+    client = grpc.InferenceServerClient(url)
+    config = client.get_model_config(POSTPROCESS, as_json=True)["config"]
+    dims = {item["name"]: [int(d) for d in item["dims"]] for item in config["input"]}
+    k = dims["raw_masks"][0]
+    good = encode(pictures[5], "PNG")  # 400 x 600
+    with FreeSOLOClient(url) as served:
+        before = served.predict([good])
+    made = client.infer(PREPROCESS, [tensor(INPUT, images(good), "BYTES")])
+    geometry, tag = made.as_numpy(GEOMETRY), made.as_numpy(GEOMETRY_TAG)
+    assert geometry.tolist() == [[400, 600, 85, 128]]
+
+    def postprocess(geometry: list[int], tag: np.ndarray) -> np.ndarray:
+        full_masks = np.ones((1, *dims["raw_masks"]), np.uint8)  # every detection's mask covers the whole input
+        inputs = [
+            tensor("raw_num_dets", np.array([[k]], np.int32), "INT32"),
+            tensor("raw_scores", np.ones((1, k), np.float32), "FP32"),
+            tensor("raw_labels", np.zeros((1, k), np.int32), "INT32"),
+            tensor("raw_masks", full_masks, "UINT8"),
+            tensor(GEOMETRY, np.array([geometry], np.int32), "INT32"),
+            tensor(GEOMETRY_TAG, tag, "UINT8"),
+        ]
+        return client.infer(POSTPROCESS, inputs, client_timeout=60).as_numpy("num_dets")
+
+    assert postprocess(geometry[0].tolist(), tag).tolist() == [[k]]  # what the ensemble could send goes through
+    stubs = family(shared_server.pid)
+    memory_before = resident_bytes(stubs | {shared_server.pid})
+    forged = np.zeros_like(tag)
+    sides = f"each side must be 1 to {MAX_IMAGE_SIDE}"
+    cases = [
+        ([4000, 4000, 128, 128], forged, "geometry_tag does not match"),
+        ([4000, 4000, 128, 128], tag, "geometry_tag does not match"),  # a genuine tag binds its own geometry only
+        ([100_000, 100_000, 128, 128], forged, sides),
+        ([16_384, 16_384, 128, 128], forged, "at most 40000000 pixels"),
+        ([0, 600, 85, 128], tag, sides),
+        ([400, 600, 128, 128], tag, "a 400x600 image is resized to (85, 128)"),
+        ([400, 600, 85, 129], tag, "a 400x600 image is resized to (85, 128)"),
+    ]
+    for geometry_values, tag_values, message in cases:
+        with pytest.raises(InferenceServerException) as error:
+            postprocess(geometry_values, tag_values)
+        assert str(error.value.status()) == f"StatusCode.{INVALID}"
+        said = error.value.message() or ""
+        assert said.startswith("postprocess: image 0: ") and message in said, (geometry_values, said)
+    growth = resident_bytes(stubs | {shared_server.pid}) - memory_before
+    assert growth < 64 * 2**20, f"the refused requests grew the server by {growth / 2**20:.0f} MiB"
+    assert family(shared_server.pid) == stubs  # no stub died
+    with FreeSOLOClient(url) as served:
+        assert served.predict([good]) == before
+
+
+def test_oversized_requests_do_not_pile_up_in_the_server(shared_server: ServerState) -> None:
+    """tritonserver 2.51 cannot bound a gRPC message, so an image over the limit is refused only once received; it
+    must not pile up in the server's memory afterwards (the launcher turns off Triton's request-object pool and
+    fixes glibc's mmap threshold: before, 12 requests of 30 MB grew the server from 38 to 218 MB)."""
+    connections = Connections(shared_server.grpc_url)
+    size = 30 * 2**20
+    oversized = send_images(b"\x89PNG\r\n\x1a\n" + bytes(size - 8))
+
+    def send() -> int:
+        with pytest.raises(InferenceServerException, match=f"more than the limit of {MAX_IMAGE_BYTES}"):
+            oversized(connections)
+        return resident_bytes({shared_server.pid})
+
+    before = resident_bytes({shared_server.pid})
+    after_each = [send() for _ in range(12)]
+    # What may stay: the python backend's region that carried the image (mapped by the server too) and messages being
+    # freed as answers return (measured: 1 to 5 messages' size); before, the pool kept up to 8 (+226 MB over 12).
+    growth = max(after_each) - before
+    assert growth < 6 * size, f"12 oversized requests grew the server by {growth / 2**20:.0f} MiB: {after_each}"

@@ -27,8 +27,8 @@ from pycocotools import mask as mask_utils
 
 from export.parity import greedy_match
 from serving.contract import ENSEMBLE, INPUT, OUTPUT_NAMES
-from serving.launcher import ServerState, read_state
-from serving.processes import family, is_running
+from serving.launcher import SHM_DIR, STUB_REGION, ServerState, mapped_regions, read_state
+from serving.processes import PROC, command_line, family, is_running
 from serving.server_binary import pytriton_root
 from training.cli import main
 from training.data.batching import pad_to
@@ -269,3 +269,35 @@ def test_invalid_repositories_are_explained(
     err = capsys.readouterr().err
     assert "failed to load 'model'" in err and "model.onnx not found" in err
     assert read_state(repo) is None  # nothing left running
+
+
+def backend_regions() -> set[str]:
+    return {entry.name for entry in SHM_DIR.iterdir() if STUB_REGION.fullmatch(entry.name)}
+
+
+def test_a_start_that_times_out_leaves_no_process_and_no_shared_memory(
+    dynamic_onnx: Path,
+    cache_home: Path,
+    free_ports: Callable[[int], list[int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A start that waits out its timeout because no stub ever comes up (here a python environment whose activation
+    fails; a repository path with a space did the same) stops the server and unlinks the python backend's regions
+    in /dev/shm, which the server, stopped mid-load, leaves behind (3 per start before)."""
+    broken_env = tmp_path / "env"
+    (broken_env / "bin").mkdir(parents=True)
+    (broken_env / "bin" / "activate").write_text("return 1\n")
+    repo = tmp_path / "repo"
+    prepare_args = ["serve", "prepare", "--onnx", str(dynamic_onnx), "--repo", str(repo), "--threads", "1"]
+    assert main([*prepare_args, "--python-env", str(broken_env)]) == 0
+    before = backend_regions()
+    args = ["serve", "start", "--repo", str(repo), *port_arguments(free_ports(3)), "--timeout", "10"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "was not ready after 10 s" in err
+    live = {int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit()}
+    leaked = backend_regions() - before - mapped_regions(live)  # other servers' regions are mapped by them
+    assert not leaked, f"left in /dev/shm: {sorted(leaked)}"
+    assert read_state(repo) is None
+    assert not [pid for pid in live if is_running(pid) and any(str(repo) in arg for arg in command_line(pid))]

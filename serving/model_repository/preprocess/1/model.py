@@ -1,5 +1,6 @@
-"""Triton python model ``preprocess``: encoded image bytes -> the model's uint8 input and each image's geometry.
-Decoding is ``serving.imaging``'s (guarded); the resize and padding are ``training.geometry``'s, as everywhere.
+"""Triton python model ``preprocess``: encoded image bytes -> the model's uint8 input and each image's geometry,
+tagged for postprocess (``serving.step_guard``). Decoding is ``serving.imaging``'s (guarded); the resize and padding
+are ``training.geometry``'s, as everywhere.
 
 A fixed-size model gets every image on its H x W canvas. A dynamic one (dims -1) gets each image on its own canvas
 (multiples of 32), like ``freesolo predict``; the images of one request must share one input tensor, so they are
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import astuple
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.contract import GEOMETRY, INPUT
+from serving.contract import GEOMETRY, GEOMETRY_TAG, INPUT
 from serving.imaging import ImageError, decode_image
-from serving.python_models import Arrays, RequestError, input_array, parameter, respond_each
-from training.geometry import InputPolicy, pad_array, padded_shape, prepare_image
+from serving.python_models import Arrays, RequestError, input_array, input_policy, respond_each
+from serving.step_guard import geometry_tag, read_key
+from training.geometry import pad_array, padded_shape, prepare_image
 
 
 class TritonPythonModel:
@@ -27,8 +30,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         height, width = (int(d) for d in pb_utils.get_output_config_by_name(config, "images")["dims"][1:])
-        test_size, max_size = int(parameter(config, "test_size")), int(parameter(config, "max_size"))
-        self.policy = InputPolicy(height, width, height == -1, test_size, max_size)
+        self.policy = input_policy(config, height, width)
+        self.key = read_key(Path(args["model_repository"]))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, "preprocess", requests, self.handle)
@@ -47,7 +50,9 @@ class TritonPythonModel:
             inputs.append(image)
             geometries.append(astuple(geometry))
         canvas = padded_shape([image.shape[1:] for image in inputs], divisor=1)  # the one canvas of a fixed model
+        geometry_array = np.array(geometries, dtype=np.int32)
         return {
             "images": np.stack([pad_array(image, canvas) for image in inputs]),
-            GEOMETRY: np.array(geometries, dtype=np.int32),
+            GEOMETRY: geometry_array,
+            GEOMETRY_TAG: np.stack([geometry_tag(self.key, row) for row in geometry_array]),
         }
