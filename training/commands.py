@@ -14,6 +14,7 @@ from training.data.images import IMAGE_SUFFIXES, expand_images, list_images, rea
 from training.errors import UserError
 from training.export_backbone import register as register_export_backbone
 from training.fileio import atomic_write_text
+from training.importers.command import register as register_import_weights
 from training.pretrain import register as register_pretrain
 
 ArgumentGroup = Any  # argparse's _SubParsersAction is private
@@ -30,6 +31,7 @@ def register(commands: ArgumentGroup) -> None:
     _register_eval(commands)
     _register_predict(commands)
     register_export_backbone(commands)
+    register_import_weights(commands)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -54,13 +54,15 @@ class LossConfig:
 @dataclass
 class InputConfig:
     """Resize policy: shorter side to one of ``train_sizes`` (test: ``test_size``), longer side at most ``max_size``;
-    the batch is then padded to a multiple of ``size_divisor``."""
+    the batch is then padded to a multiple of ``size_divisor``. ``resize_antialias`` false resizes with plain bilinear
+    interpolation (what OpenCV, and so mmdetection and detectron2, do): set for imported upstream weights."""
 
     train_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     test_size: int = 800
     max_size: int = 1333
     size_divisor: int = 32
     hflip: bool = True
+    resize_antialias: bool = True
 
 
 @dataclass

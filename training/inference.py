@@ -41,7 +41,8 @@ class Predictor:
 
     @property
     def test_policy(self) -> ResizePolicy:
-        return ResizePolicy((self.config.input.test_size,), self.config.input.max_size)
+        sizes = self.config.input
+        return ResizePolicy((sizes.test_size,), sizes.max_size, antialias=sizes.resize_antialias)
 
     @torch.inference_mode()
     def detections(self, images: torch.Tensor, with_embeddings: bool = False) -> tuple[Detections, torch.Tensor | None]:

@@ -21,11 +21,12 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of a [3, H, W] uint8 image."""
+def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of a [3, H, W] uint8 image, antialiased unless told otherwise (upstream-trained weights
+    expect OpenCV's plain bilinear filter)."""
     if tuple(image.shape[-2:]) == size:
         return image
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 

@@ -1,0 +1,184 @@
+"""`freesolo import-weights` against mmdetection's own SOLOv2 (mmdet 3.3, the dev extra): random-weight R50 and
+SOLOv2-light R18 models built by mmdetection are saved as mmdetection checkpoints, imported, and must compute what
+mmdetection computes: the raw head outputs on the same input, and `freesolo predict` against mmdetection's
+`predict` on real photographs at their own sizes, batch 1 and 3.
+
+mmcv-lite lacks the compiled ``mmcv._ext``, which ``import mmdet.models`` pulls in through ``mmcv.ops``; none of
+the modules SOLOv2 uses calls it, so a stand-in whose every function raises is enough (and proves they do not)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import skimage.data
+import torch
+
+from training.checkpoint import model_from_checkpoint
+from training.cli import main
+
+pytest.importorskip("mmdet", reason="mmdetection is a dev extra: pip install -e '.[dev]'")
+
+TEST_SIZE, MAX_SIZE = 100, 160  # shrunk test resize (upstream's 800/1333 would take minutes on CPU)
+PHOTOS = {"chelsea": skimage.data.chelsea, "rocket": skimage.data.rocket, "coffee": skimage.data.coffee}
+
+
+class _UnavailableExtension(types.ModuleType):
+    """Stand-in for ``mmcv._ext``: any compiled op raises if called; dunder lookups fail as for a missing name."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(f"mmcv._ext.{name} called: compiled mmcv ops are not available")
+
+        return unavailable
+
+
+@pytest.fixture(scope="module")
+def mmdet_registry() -> None:
+    try:
+        import mmcv._ext  # noqa: F401  (a full mmcv install has it)
+    except ImportError:
+        sys.modules["mmcv._ext"] = _UnavailableExtension("mmcv._ext")
+    import mmdet.models  # noqa: F401
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+
+
+def mmdet_solov2_config(depth: int, light: bool) -> dict[str, Any]:
+    """mmdetection's solov2_r50_fpn / solov2-light_r18_fpn model config (values from its configs), without the
+    ImageNet download (init_cfg None)."""
+    widths = [64, 128, 256, 512] if depth < 50 else [256, 512, 1024, 2048]
+    scale_ranges = (
+        ((1, 56), (28, 112), (56, 224), (112, 448), (224, 896))
+        if light
+        else ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    )
+    gn = dict(type="GN", num_groups=32, requires_grad=True)
+    return dict(
+        type="SOLOv2",
+        data_preprocessor=dict(
+            type="DetDataPreprocessor",
+            mean=[123.675, 116.28, 103.53],
+            std=[58.395, 57.12, 57.375],
+            bgr_to_rgb=True,
+            pad_mask=True,
+            pad_size_divisor=32,
+        ),
+        backbone=dict(
+            type="ResNet",
+            depth=depth,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            frozen_stages=1,
+            init_cfg=None,
+            style="pytorch",
+        ),
+        neck=dict(type="FPN", in_channels=widths, out_channels=256, start_level=0, num_outs=5),
+        mask_head=dict(
+            type="SOLOV2Head",
+            num_classes=80,
+            in_channels=256,
+            feat_channels=256 if light else 512,
+            stacked_convs=2 if light else 4,
+            strides=[8, 8, 16, 32, 32],
+            scale_ranges=scale_ranges,
+            pos_scale=0.2,
+            num_grids=[40, 36, 24, 16, 12],
+            cls_down_index=0,
+            mask_feature_head=dict(
+                feat_channels=128,
+                start_level=0,
+                end_level=3,
+                out_channels=128 if light else 256,
+                mask_stride=4,
+                norm_cfg=gn,
+            ),
+            norm_cfg=gn,
+            loss_mask=dict(type="DiceLoss", use_sigmoid=True, loss_weight=3.0),
+            loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+        ),
+        test_cfg=dict(
+            nms_pre=500, score_thr=0.1, mask_thr=0.5, filter_thr=0.05, kernel="gaussian", sigma=2.0, max_per_img=100
+        ),
+    )
+
+
+def build_mmdet_model(depth: int, light: bool, seed: int) -> torch.nn.Module:
+    """mmdetection's SOLOv2 with random weights that make detections: random normalisation statistics and affine
+    parameters everywhere (so the import must place each of them right), category weights scaled so a few cells
+    stand out above the 0.1 threshold (fewer than nms_pre), and kernels scaled for crisp masks."""
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+
+    torch.manual_seed(seed)
+    model = MODELS.build(ConfigDict(mmdet_solov2_config(depth, light)))
+    model.init_weights()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_mean") or (name.endswith(".bias") and "bn" in name):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var") or (name.endswith(".weight") and tensor.dim() == 1):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.75)
+            elif name.endswith(".bias") and tensor.dim() == 1 and "conv_cls" not in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+        head = model.mask_head
+        head.conv_cls.weight.mul_(40.0)
+        head.conv_cls.bias.fill_(-5.0)
+        head.conv_kernel.weight.mul_(20.0)
+    return model.eval()
+
+
+def save_mmdet_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """mmdetection's checkpoint layout: ``meta`` (here with the dataset's class names) and ``state_dict``."""
+    from mmdet.datasets.coco import CocoDataset
+
+    meta = {"mmdet_version": "3.3.0", "dataset_meta": {"classes": list(CocoDataset.METAINFO["classes"])}}
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, path)
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-12))
+
+
+VARIANTS = {"r50": (50, False), "light-r18": (18, True)}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def imported(request: pytest.FixtureRequest, mmdet_registry: None, tmp_path_factory: pytest.TempPathFactory):
+    """(mmdet model, imported checkpoint path) of one variant."""
+    depth, light = VARIANTS[request.param]
+    model = build_mmdet_model(depth, light, seed=depth)
+    folder = tmp_path_factory.mktemp(request.param)
+    source = folder / "mmdet.pth"
+    save_mmdet_checkpoint(model, source)
+    out = folder / "imported.pt"
+    code = main(
+        ["import-weights", str(source), "--out", str(out), "--test-size", str(TEST_SIZE), "--max-size", str(MAX_SIZE)]
+    )
+    assert code == 0
+    return model, out
+
+
+def test_head_outputs_equal_mmdetection(imported) -> None:
+    mmdet_model, checkpoint = imported
+    ours, config, metadata = model_from_checkpoint(checkpoint)
+    assert metadata["class_names"][0] == "person" and len(metadata["class_names"]) == 80
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 96, 160), dtype=torch.uint8, generator=generator)
+    mean = torch.tensor(config.model.pixel_mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.model.pixel_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        kernels, cate_logits, mask_features = mmdet_model.mask_head(mmdet_model.extract_feat((images - mean) / std))
+        output = ours(images)
+    for level in range(5):
+        assert relative_error(output.cate_logits[level], cate_logits[level]) < 1e-4
+        assert relative_error(output.kernels[level], kernels[level]) < 1e-4
+    assert relative_error(output.mask_features, mask_features) < 1e-4

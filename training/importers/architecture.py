@@ -1,0 +1,95 @@
+"""The SOLOv2 configs published weights were trained with. A checkpoint's tensors give depth and widths; the grids,
+strides, scale ranges and test resize are not in any tensor, so they come from the family the widths identify
+(the values of that family's upstream config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training.config import Config, InputConfig, ModelConfig
+from training.errors import UserError
+
+GRIDS = [40, 36, 24, 16, 12]
+STRIDES = [8, 8, 16, 32, 32]
+# RGB input normalised like torchvision's ImageNet models (mmdetection: bgr_to_rgb=True with these RGB values;
+# FreeSOLO: INPUT.FORMAT RGB with the same values).
+PIXEL_MEAN = [123.675, 116.28, 103.53]
+PIXEL_STD = [58.395, 57.12, 57.375]
+
+
+@dataclass(frozen=True)
+class Family:
+    """An upstream SOLOv2 variant: its head widths (what identifies it) and what its config adds."""
+
+    name: str
+    head_convs: int
+    head_channels: int
+    mask_channels: int
+    scale_ranges: list[list[float]]
+    test_size: int
+    max_size: int
+
+
+FAMILIES = (
+    Family("SOLOv2", 4, 512, 256, [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]], 800, 1333),
+    # mmdetection's solov2-light_* and WXinlong/SOLO's SOLOv2_LIGHT_448_*: test resize (768, 448).
+    Family("SOLOv2-light", 2, 256, 128, [[1, 56], [28, 112], [56, 224], [112, 448], [224, 896]], 448, 768),
+)
+
+
+@dataclass(frozen=True)
+class Widths:
+    """What the tensors of a SOLOv2 checkpoint say about its architecture."""
+
+    depth: int
+    fpn_channels: int
+    head_channels: int
+    head_convs: int
+    mask_branch_channels: int
+    mask_channels: int
+    num_classes: int
+    embedding_dim: int = 0
+
+
+def family_of(widths: Widths, source: str) -> Family:
+    for family in FAMILIES:
+        if (family.head_convs, family.head_channels, family.mask_channels) == (
+            widths.head_convs,
+            widths.head_channels,
+            widths.mask_channels,
+        ):
+            return family
+    known = "; ".join(f"{f.name}: {f.head_convs} x {f.head_channels} ch, E = {f.mask_channels}" for f in FAMILIES)
+    raise UserError(
+        f"{source}: unknown SOLOv2 variant (head {widths.head_convs} x {widths.head_channels} channels, "
+        f"mask features {widths.mask_channels}); its grids and scale ranges are not in the weights (known: {known})"
+    )
+
+
+def imported_config(widths: Widths, source: str, test_size: int | None, max_size: int | None) -> tuple[Config, str]:
+    """This project's Config for the checkpoint, and the family name. Frozen BatchNorm: every upstream trains these
+    backbones with frozen statistics (mmdetection norm_eval, detectron2 FrozenBN), and it keeps ``train --init``
+    fine-tuning the same."""
+    family = family_of(widths, source)
+    model = ModelConfig(
+        depth=widths.depth,
+        frozen_bn=True,
+        fpn_channels=widths.fpn_channels,
+        head_channels=widths.head_channels,
+        head_convs=widths.head_convs,
+        mask_branch_channels=widths.mask_branch_channels,
+        mask_channels=widths.mask_channels,
+        num_classes=widths.num_classes,
+        embedding_dim=widths.embedding_dim,
+        strides=list(STRIDES),
+        grids=list(GRIDS),
+        scale_ranges=[list(r) for r in family.scale_ranges],
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+    sizes = InputConfig(
+        test_size=test_size or family.test_size,
+        max_size=max_size or family.max_size,
+        resize_antialias=False,  # upstream resizes with OpenCV's bilinear filter, which does not antialias
+    )
+    return Config(preset=f"imported-{family.name}", model=model, input=sizes), family.name
