@@ -71,7 +71,7 @@ def train_solo(
     """Train (or resume, when ``state`` is a checkpoint) one SOLOv2 run; returns RUN/model.pt."""
     say = print if is_main_process() else (lambda *_: None)
     policy = ResizePolicy(
-        tuple(config.input.train_sizes), config.input.max_size, config.input.hflip, config.input.resize_antialias
+        tuple(config.input.train_sizes), config.input.max_size, config.input.hflip, config.input.resize_filter
     )
     dataset = CocoInstances(images, ann, policy, class_agnostic or mode == "weak")
     config, train_set, loss_fn, collate_fn = build_training(config, mode, dataset)

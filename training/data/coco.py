@@ -26,12 +26,12 @@ from training.results import ImageGeometry
 @dataclass(frozen=True)
 class ResizePolicy:
     """Shorter side to one of ``sizes`` (chosen at random when training), longer side at most ``max_size``;
-    ``antialias`` as ``InputConfig.resize_antialias``."""
+    ``resize_filter`` as ``InputConfig.resize_filter``."""
 
     sizes: tuple[int, ...]
     max_size: int
     hflip: bool = False
-    antialias: bool = True
+    resize_filter: str = "antialias"
 
 
 def load_annotation_file(path: Path) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def transform_sample(
     if generator is not None and len(policy.sizes) > 1:
         short_side = policy.sizes[int(torch.randint(len(policy.sizes), (1,), generator=generator))]
     size = resized_shape(height, width, short_side, policy.max_size)
-    image, masks = resize_image(image, size, policy.antialias), resize_masks(masks, size)
+    image, masks = resize_image(image, size, policy.resize_filter), resize_masks(masks, size)
     if generator is not None and policy.hflip and torch.rand((), generator=generator) < 0.5:
         image, masks = hflip(image, masks)
     return Sample(image, masks, labels, image_id, ImageGeometry(height, width, size[0], size[1]))

@@ -7,6 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.data.opencv_resize import opencv_bilinear
+from training.errors import UserError
+
 
 def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
     """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``."""
@@ -21,12 +24,20 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
-    """Bilinear resize of a [3, H, W] uint8 image, antialiased unless told otherwise (upstream-trained weights
-    expect OpenCV's plain bilinear filter)."""
+RESIZE_FILTERS = ("antialias", "opencv")
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], resize_filter: str = "antialias") -> torch.Tensor:
+    """Bilinear resize of a [3, H, W] uint8 image: antialiased, or OpenCV's filter (what upstream-trained weights
+    were tested with, ``InputConfig.resize_filter``)."""
     if tuple(image.shape[-2:]) == size:
         return image
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    if resize_filter == "opencv":
+        resized = opencv_bilinear(image.permute(1, 2, 0).numpy(), *size)
+        return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+    if resize_filter != "antialias":
+        raise UserError(f"unknown resize filter '{resize_filter}' (use one of {', '.join(RESIZE_FILTERS)})")
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 

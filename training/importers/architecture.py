@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.config import Config, InputConfig, ModelConfig
+from training.config import Config, InferenceConfig, InputConfig, ModelConfig
 from training.errors import UserError
 
 GRIDS = [40, 36, 24, 16, 12]
@@ -66,8 +66,11 @@ def family_of(widths: Widths, source: str) -> Family:
     )
 
 
-def imported_config(widths: Widths, source: str, test_size: int | None, max_size: int | None) -> tuple[Config, str]:
-    """This project's Config for the checkpoint, and the family name. Frozen BatchNorm: every upstream trains these
+def imported_config(
+    widths: Widths, source: str, resize_filter: str, test_size: int | None, max_size: int | None
+) -> tuple[Config, str]:
+    """This project's Config for the checkpoint, and the family name; ``resize_filter`` is the one upstream's test
+    pipeline resizes with (``InputConfig.resize_filter``). Frozen BatchNorm: every upstream trains these
     backbones with frozen statistics (mmdetection norm_eval, detectron2 FrozenBN), and it keeps ``train --init``
     fine-tuning the same."""
     family = family_of(widths, source)
@@ -86,10 +89,13 @@ def imported_config(widths: Widths, source: str, test_size: int | None, max_size
         scale_ranges=[list(r) for r in family.scale_ranges],
         pixel_mean=list(PIXEL_MEAN),
         pixel_std=list(PIXEL_STD),
+        pad_normalized=True,
     )
     sizes = InputConfig(
         test_size=test_size or family.test_size,
         max_size=max_size or family.max_size,
-        resize_antialias=False,  # upstream resizes with OpenCV's bilinear filter, which does not antialias
+        resize_filter=resize_filter,
     )
-    return Config(preset=f"imported-{family.name}", model=model, input=sizes), family.name
+    # Upstream's test_cfg values are the InferenceConfig defaults; only the mask resize differs.
+    inference = InferenceConfig(resize_soft_masks=True)
+    return Config(preset=f"imported-{family.name}", model=model, input=sizes, inference=inference), family.name

@@ -35,12 +35,21 @@ class ModelLayout:
     names: SourceNames
     widths: Callable[[Mapping[str, Tensor], str], Widths]
     description: str
+    resize_filter: str  # how upstream's test pipeline resizes (InputConfig.resize_filter)
 
 
+# mmcv resizes with OpenCV (cv2.resize, bilinear); detectron2 resizes uint8 images with PIL's bilinear filter, which
+# widens with the downscale factor like torch's antialiased one.
 LAYOUTS = {
-    "mmdet": ModelLayout("state_dict", "mask_head.mask_feature_head.", MMDET3_NAMES, mmdet_widths, "mmdetection 3.x"),
-    "solo": ModelLayout("state_dict", "mask_feat_head.", SOLO_NAMES, solo_widths, "WXinlong/SOLO (mmdetection 1.x)"),
-    "freesolo": ModelLayout("model", "ins_head.", FREESOLO_NAMES, freesolo_widths, "NVlabs/FreeSOLO (detectron2)"),
+    "mmdet": ModelLayout(
+        "state_dict", "mask_head.mask_feature_head.", MMDET3_NAMES, mmdet_widths, "mmdetection 3.x", "opencv"
+    ),
+    "solo": ModelLayout(
+        "state_dict", "mask_feat_head.", SOLO_NAMES, solo_widths, "WXinlong/SOLO (mmdetection 1.x)", "opencv"
+    ),
+    "freesolo": ModelLayout(
+        "model", "ins_head.", FREESOLO_NAMES, freesolo_widths, "NVlabs/FreeSOLO (detectron2)", "antialias"
+    ),
 }
 
 
@@ -91,7 +100,7 @@ def import_model(
         raise UserError(f"{source}: not a {layout.description} checkpoint (expected {expected})")
     state = tensor_state(state, source)
     reject_unsupported(state, source)
-    config, family = imported_config(layout.widths(state, source), source, test_size, max_size)
+    config, family = imported_config(layout.widths(state, source), source, layout.resize_filter, test_size, max_size)
     weights = map_weights(
         state,
         config,

@@ -35,6 +35,7 @@ class Detections(NamedTuple):
     boxes: torch.Tensor  # float32 [B, K, 4] x1, y1, x2, y2 in input pixels
     masks: torch.Tensor  # uint8 [B, K, H/4, W/4]
     cells: torch.Tensor  # int64 [B, K]
+    soft_masks: torch.Tensor | None = None  # float32 [B, K, H/4, W/4] mask probabilities, with resize_soft_masks
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,10 @@ def postprocess(
     final_cells = torch.where(present, gather_rows(cells, final_order), torch.zeros_like(final_order))
 
     pad = config.max_per_img - top
+    final_soft = None
+    if config.resize_soft_masks:
+        soft = gather_rows(soft_masks, gather_rows(order, final_order)).view(batch, top, height, width)
+        final_soft = F.pad(soft * present.view(batch, top, 1, 1).to(soft.dtype), (0, 0, 0, 0, 0, pad))
     return Detections(
         num_dets=num_dets.to(torch.int32),
         scores=F.pad(final_scores, (0, pad)),
@@ -133,6 +138,7 @@ def postprocess(
         boxes=F.pad(boxes_from_masks(final_masks), (0, 0, 0, pad)),
         masks=F.pad(final_masks, (0, 0, 0, 0, 0, pad)).to(torch.uint8),
         cells=F.pad(final_cells, (0, pad)),
+        soft_masks=final_soft,
     )
 
 
