@@ -33,6 +33,7 @@ class InputPolicy:
     dynamic: bool
     test_size: int
     max_size: int
+    resize_filter: str = "antialias"  # InputConfig.resize_filter; absent from the metadata of older exports
 
     @classmethod
     def from_metadata(cls, props: Mapping[str, str]) -> InputPolicy:
@@ -40,7 +41,14 @@ class InputPolicy:
         if "freesolo.input_size" not in props:
             raise UserError("the ONNX model has no freesolo.input_size metadata (not exported by freesolo?)")
         size = json.loads(props["freesolo.input_size"])
-        return cls(size["height"], size["width"], bool(size["dynamic"]), size["test_size"], size["max_size"])
+        return cls(
+            size["height"],
+            size["width"],
+            bool(size["dynamic"]),
+            size["test_size"],
+            size["max_size"],
+            size.get("resize_filter", "antialias"),
+        )
 
 
 def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[torch.Tensor, ImageGeometry]:
@@ -51,7 +59,8 @@ def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[torch.Tensor,
         target = tuple(-(-side // SIZE_DIVISOR) * SIZE_DIVISOR for side in size)
     else:
         size, target = fit_within(*size, policy.height, policy.width), (policy.height, policy.width)
-    return pad_to(resize_image(to_tensor_image(image), size), target), ImageGeometry(height, width, *size)
+    resized = resize_image(to_tensor_image(image), size, policy.resize_filter)
+    return pad_to(resized, target), ImageGeometry(height, width, *size)
 
 
 def calibration_images(folder: Path, count: int, policy: InputPolicy) -> list[np.ndarray]:

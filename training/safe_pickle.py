@@ -14,13 +14,15 @@ import numpy as np
 from training.errors import UserError
 
 # (module, name) pairs a weights pickle may name: numpy's array reconstruction (under numpy 1 and numpy 2 module
-# names), the array and dtype types, and the ordered dict that some writers use as the state-dict container.
+# names), the array and dtype types, and the containers some writers use (an ordered dict for the state dict; a
+# bytearray for an array's buffer below pickle protocol 5, as ``freesolo export-backbone`` writes them).
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("collections", "OrderedDict"): dict,
+    ("builtins", "bytearray"): bytearray,
 }
 
 
