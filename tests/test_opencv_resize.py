@@ -1,0 +1,34 @@
+"""The OpenCV-compatible resize imported upstream models test with must equal ``cv2.resize(INTER_LINEAR)`` bit for
+bit (OpenCV comes with the dev extra, through mmengine), down and up, at odd sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from training.data.opencv_resize import opencv_bilinear
+from training.data.transforms import resize_image
+
+cv2 = pytest.importorskip("cv2")
+
+
+def test_equals_opencv_on_photographs_and_random_sizes() -> None:
+    rng = np.random.default_rng(0)
+    cases = [(skimage.data.chelsea(), 100, 150), (skimage.data.rocket(), 333, 500), (skimage.data.coffee(), 801, 1201)]
+    for _ in range(60):
+        height, width, out_height, out_width = (int(v) for v in rng.integers(1, 200, 4))
+        cases.append((rng.integers(0, 256, (height, width, 3), dtype=np.uint8), out_height, out_width))
+    for image, height, width in cases:
+        expected = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        assert np.array_equal(opencv_bilinear(image, height, width), expected), (image.shape, height, width)
+
+
+def test_resize_image_uses_the_configured_filter() -> None:
+    image = skimage.data.astronaut()
+    tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    opencv = resize_image(tensor, (101, 101), "opencv").permute(1, 2, 0).numpy()
+    antialiased = resize_image(tensor, (101, 101)).permute(1, 2, 0).numpy()
+    assert np.array_equal(opencv, cv2.resize(image, (101, 101), interpolation=cv2.INTER_LINEAR))
+    assert not np.array_equal(opencv, antialiased)
