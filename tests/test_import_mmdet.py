@@ -157,20 +157,21 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 VARIANTS = {"r50": (50, False, -8.0), "light-r18": (18, True, -6.3)}
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def imported(request: pytest.FixtureRequest, mmdet_registry: None, tmp_path_factory: pytest.TempPathFactory):
-    """(mmdet model, imported checkpoint path) of one variant."""
-    depth, light, category_bias = VARIANTS[request.param]
+def import_variant(name: str, folder: Path) -> tuple[torch.nn.Module, Path]:
+    """(mmdetection model, imported checkpoint) of one variant, imported at the shrunk test size."""
+    depth, light, category_bias = VARIANTS[name]
     model = build_mmdet_model(depth, light, category_bias, seed=depth)
-    folder = tmp_path_factory.mktemp(request.param)
     source = folder / "mmdet.pth"
     save_mmdet_checkpoint(model, source)
     out = folder / "imported.pt"
-    code = main(
-        ["import-weights", str(source), "--out", str(out), "--test-size", str(TEST_SIZE), "--max-size", str(MAX_SIZE)]
-    )
-    assert code == 0
+    sizes = ["--test-size", str(TEST_SIZE), "--max-size", str(MAX_SIZE)]
+    assert main(["import-weights", str(source), "--out", str(out), *sizes]) == 0
     return model, out
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def imported(request: pytest.FixtureRequest, mmdet_registry: None, tmp_path_factory: pytest.TempPathFactory):
+    return import_variant(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_head_outputs_equal_mmdetection(imported) -> None:
@@ -269,3 +270,25 @@ def test_predict_matches_mmdetection_on_photographs(imported, batch_size: int, t
             assert iou >= 0.98 and score_difference <= 1e-3
         total += len(image_theirs["scores"])
     assert total >= 20  # the comparison is not vacuous
+
+
+def test_imported_model_exports_and_passes_parity(
+    mmdet_registry: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The imported light model as one dynamic ONNX graph, against PyTorch on the photographs, two per batch."""
+    _, checkpoint = import_variant("light-r18", tmp_path)
+    onnx_path = tmp_path / "imported.onnx"
+    export = ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx_path), "--dynamic", "--no-simplify"]
+    assert main(export) == 0
+    files = []
+    for name, load in PHOTOS.items():
+        files.append(tmp_path / f"{name}.png")
+        Image.fromarray(load()).save(files[-1])
+    capsys.readouterr()
+    arguments = ["--checkpoint", str(checkpoint), "--onnx", str(onnx_path), "--batch-size", "2", *map(str, files)]
+    code = main(["parity", *arguments])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith("parity: PASS, 3 image/runtime comparisons")
+    compared = [line.split()[3] for line in out.splitlines() if line.split()[:1] and line.split()[0].endswith(".png")]
+    assert len(compared) == 3 and all(int(pair.split("/")[0]) > 0 for pair in compared)  # detections compared

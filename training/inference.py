@@ -71,7 +71,7 @@ class Predictor:
                 int(dets.num_dets[i]),
                 dets.scores[i].numpy(),
                 dets.labels[i].numpy(),
-                (dets.masks if dets.soft_masks is None else dets.soft_masks)[i].numpy(),
+                (dets.soft_masks if self.config.inference.resize_soft_masks else dets.masks)[i].numpy(),
                 batch.geometries[i],
                 batch.image_ids[i],
                 self.category_ids,
