@@ -294,3 +294,18 @@ def test_checkpoint_writer_roundtrip_is_the_ordinary_format(tmp_path: Path) -> N
     model, config, _ = model_from_checkpoint(tmp_path / "a.pt")
     save_checkpoint(tmp_path / "b.pt", {"config": config.to_dict(), "model": model.state_dict()})
     assert model_from_checkpoint(tmp_path / "b.pt")[1] == config
+
+
+def test_imported_backbone_starts_pretraining(synth_data: Path, tmp_path: Path) -> None:
+    """A DenseCL backbone as `pretrain --init`: both encoders start from it (learning rate 0, so the weights the
+    run saves are the ones it started from)."""
+    source = unique_values(resnet_state(18))
+    torch.save({"state_dict": source}, tmp_path / "densecl_r18.pth")
+    assert import_weights(str(tmp_path / "densecl_r18.pth"), "--out", str(tmp_path / "r18.pth")) == 0
+    run = tmp_path / "run"
+    arguments = ["--images", str(synth_data / "train"), "--out", str(run), "--init", str(tmp_path / "r18.pth")]
+    assert main(["pretrain", *arguments, "--iters", "1", "--batch-size", "2", "--lr", "0", "--no-progress"]) == 0
+    weights = torch.load(run / "model.pt", weights_only=True)["model"]
+    for encoder in ("encoder_q", "encoder_k"):
+        assert torch.equal(weights[f"{encoder}.backbone.layer3.1.conv2.weight"], source["layer3.1.conv2.weight"])
+        assert torch.equal(weights[f"{encoder}.backbone.conv1.weight"], source["conv1.weight"])
