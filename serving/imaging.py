@@ -3,8 +3,9 @@
 Decoding is guarded: the format and the pixel count are checked from the header before any pixel is decoded
 (decompression bombs), and corrupt, empty or truncated data raise ``ImageError`` with a message a client can act on.
 The resize is the project's test policy (shorter side to ``test_size``, longer at most ``max_size``, then fitted
-into the model's H x W, padded bottom/right), with the same antialiased bilinear filter as
-``training.data.transforms.resize_image`` (torch's ``antialias=True``), so served inputs match PyTorch's.
+into the model's H x W, padded bottom/right), with the filter ``training.data.transforms.resize_image`` uses for
+the model (``InputConfig.resize_filter``, carried in the ONNX metadata): the antialiased bilinear one (torch's
+``antialias=True``) or, for imported upstream weights, OpenCV's; so served inputs match PyTorch's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from export.graph_contract import fit_within
 from serving.contract import IMAGE_FORMATS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from training.data.opencv_resize import opencv_bilinear
 
 # PIL's own bomb guard (an error above twice the limit, in Image.open) stops the largest headers even earlier.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -35,6 +37,7 @@ class InputPolicy:
     width: int
     test_size: int
     max_size: int
+    resize_filter: str = "antialias"  # or "opencv"
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -112,5 +115,9 @@ def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, n
     height, width = image.shape[:2]
     size = fit_within(*resized_shape(height, width, policy.test_size, policy.max_size), policy.height, policy.width)
     padded = np.zeros((3, policy.height, policy.width), dtype=np.uint8)
-    padded[:, : size[0], : size[1]] = resize_rgb(image, size).transpose(2, 0, 1)
+    if policy.resize_filter == "opencv" and image.shape[:2] != tuple(size):
+        resized = opencv_bilinear(image, *size)
+    else:
+        resized = resize_rgb(image, size)
+    padded[:, : size[0], : size[1]] = resized.transpose(2, 0, 1)
     return padded, np.array([height, width, *size], dtype=np.int32)

@@ -16,6 +16,7 @@ from string import Template
 
 from export.graph_contract import INPUT_NAME, MASK_STRIDE, SIZE_DIVISOR
 from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
+from training.data.opencv_resize import RESIZE_FILTERS
 from training.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "model_repository"
@@ -36,6 +37,7 @@ class ServedModel:
     max_size: int
     class_names: list[str]
     category_ids: list[int]
+    resize_filter: str = "antialias"  # InputConfig.resize_filter; absent from older exports' metadata
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
     if missing or INPUT_NAME not in inputs:
         raise UserError(f"{path} is not a `freesolo export onnx` model (no {missing or [INPUT_NAME]})")
     policy = json.loads(props["freesolo.input_size"])
+    resize_filter = policy.get("resize_filter", "antialias")
+    if resize_filter not in RESIZE_FILTERS:
+        raise UserError(f"{path}: unknown resize filter {resize_filter!r} in its metadata (known: {RESIZE_FILTERS})")
     dims = [d.dim_value or None for d in inputs[INPUT_NAME].type.tensor_type.shape.dim]
     height, width = served_size(path, dims[2:], (height, width), (policy["height"], policy["width"]))
     class_names = json.loads(props.get("freesolo.class_names", "[]"))
@@ -79,6 +84,7 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
         policy["max_size"],
         class_names,
         category_ids,
+        resize_filter,
     )
 
 
@@ -129,6 +135,7 @@ def template_values(model: ServedModel, settings: Settings) -> dict[str, str]:
         "ENV_PATH": pbtxt_string(settings.python_env),
         "TEST_SIZE": str(model.test_size),
         "MAX_SIZE": str(model.max_size),
+        "RESIZE_FILTER": pbtxt_string(model.resize_filter),
     }
 
 

@@ -32,3 +32,15 @@ def test_resize_image_uses_the_configured_filter() -> None:
     antialiased = resize_image(tensor, (101, 101)).permute(1, 2, 0).numpy()
     assert np.array_equal(opencv, cv2.resize(image, (101, 101), interpolation=cv2.INTER_LINEAR))
     assert not np.array_equal(opencv, antialiased)
+
+
+def test_served_preprocessing_resizes_with_the_models_filter() -> None:
+    """The Triton preprocess step (numpy only) resizes an imported model's inputs as `freesolo predict` does."""
+    from serving.imaging import InputPolicy, prepare_image
+
+    image = skimage.data.chelsea()  # 300 x 451 -> 100 x 150, padded into 128 x 160
+    padded, geometry = prepare_image(image, InputPolicy(128, 160, 100, 160, "opencv"))
+    assert geometry.tolist() == [300, 451, 100, 150]
+    assert np.array_equal(padded[:, :100, :150].transpose(1, 2, 0), cv2.resize(image, (150, 100)))
+    expected = resize_image(torch.from_numpy(image).permute(2, 0, 1).contiguous(), (100, 150), "opencv")
+    assert np.array_equal(padded[:, :100, :150], expected.numpy()) and not padded[:, 100:].any()

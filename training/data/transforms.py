@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data.opencv_resize import opencv_bilinear
+from training.data.opencv_resize import RESIZE_FILTERS, opencv_bilinear
 from training.errors import UserError
 
 
@@ -22,9 +22,6 @@ def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tu
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] uint8."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
-RESIZE_FILTERS = ("antialias", "opencv")
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int], resize_filter: str = "antialias") -> torch.Tensor:

@@ -20,9 +20,8 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         height, width = (int(d) for d in pb_utils.get_output_config_by_name(config, "images")["dims"][1:])
-        self.policy = InputPolicy(
-            height, width, int(parameter(config, "test_size")), int(parameter(config, "max_size"))
-        )
+        sizes = (int(parameter(config, "test_size")), int(parameter(config, "max_size")))
+        self.policy = InputPolicy(height, width, *sizes, parameter(config, "resize_filter"))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, "preprocess", requests, self.handle)
