@@ -4,17 +4,16 @@ strides, scale ranges and test resize are not in any tensor, so they come from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from training.config import Config, InferenceConfig, InputConfig, ModelConfig
 from training.errors import UserError
 
-GRIDS = [40, 36, 24, 16, 12]
-STRIDES = [8, 8, 16, 32, 32]
-# RGB input normalised like torchvision's ImageNet models (mmdetection: bgr_to_rgb=True with these RGB values;
-# FreeSOLO: INPUT.FORMAT RGB with the same values).
-PIXEL_MEAN = [123.675, 116.28, 103.53]
-PIXEL_STD = [58.395, 57.12, 57.375]
+# This project's ModelConfig and InputConfig defaults are the paper's SOLOv2, which is what mmdetection, WXinlong/SOLO
+# and FreeSOLO configure: grids [40, 36, 24, 16, 12], strides [8, 8, 16, 32, 32], RGB input normalised with the
+# ImageNet mean and std (mmdetection: bgr_to_rgb with those values; FreeSOLO: INPUT.FORMAT RGB), test resize 800/1333.
+PAPER_MODEL = ModelConfig()
+PAPER_INPUT = InputConfig()
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class Family:
 
 
 FAMILIES = (
-    Family("SOLOv2", 4, 512, 256, [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]], 800, 1333),
+    Family("SOLOv2", 4, 512, 256, PAPER_MODEL.scale_ranges, PAPER_INPUT.test_size, PAPER_INPUT.max_size),
     # mmdetection's solov2-light_* and WXinlong/SOLO's SOLOv2_LIGHT_448_*: test resize (768, 448).
     Family("SOLOv2-light", 2, 256, 128, [[1, 56], [28, 112], [56, 224], [112, 448], [224, 896]], 448, 768),
 )
@@ -70,11 +69,12 @@ def imported_config(
     widths: Widths, source: str, resize_filter: str, test_size: int | None, max_size: int | None
 ) -> tuple[Config, str]:
     """This project's Config for the checkpoint, and the family name; ``resize_filter`` is the one upstream's test
-    pipeline resizes with (``InputConfig.resize_filter``). Frozen BatchNorm: every upstream trains these
-    backbones with frozen statistics (mmdetection norm_eval, detectron2 FrozenBN), and it keeps ``train --init``
-    fine-tuning the same."""
+    pipeline resizes with (``InputConfig.resize_filter``). Frozen BatchNorm, as upstream runs these backbones
+    (mmdetection norm_eval, detectron2 FrozenBN): the same arithmetic as BatchNorm in eval mode, without the batch
+    counters FreeSOLO's checkpoint does not have."""
     family = family_of(widths, source)
-    model = ModelConfig(
+    model = replace(
+        ModelConfig(),
         depth=widths.depth,
         frozen_bn=True,
         fpn_channels=widths.fpn_channels,
@@ -84,14 +84,11 @@ def imported_config(
         mask_channels=widths.mask_channels,
         num_classes=widths.num_classes,
         embedding_dim=widths.embedding_dim,
-        strides=list(STRIDES),
-        grids=list(GRIDS),
         scale_ranges=[list(r) for r in family.scale_ranges],
-        pixel_mean=list(PIXEL_MEAN),
-        pixel_std=list(PIXEL_STD),
         pad_normalized=True,
     )
-    sizes = InputConfig(
+    sizes = replace(
+        InputConfig(),
         test_size=test_size or family.test_size,
         max_size=max_size or family.max_size,
         resize_filter=resize_filter,

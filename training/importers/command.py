@@ -75,7 +75,7 @@ def run_import_weights(args: argparse.Namespace) -> int:
         save_checkpoint(args.out, {"config": imported.config.to_dict(), "model": imported.state, "metadata": metadata})
         model = imported.config.model
         print(
-            f"imported {'; '.join(imported.notes)} ResNet-{model.depth}, {model.num_classes} classes, "
+            f"imported {imported.description} ResNet-{model.depth}, {model.num_classes} classes, "
             f"{len(imported.state)} tensors, test size {imported.config.input.test_size}/"
             f"{imported.config.input.max_size} -> {args.out}"
         )

@@ -1,5 +1,5 @@
-"""What every importer shares: renaming rules from this project's tensor names to a source's, the completeness
-check (nothing missing, nothing left over, every shape right), and the architecture read from tensor shapes.
+"""What every importer shares: renaming rules from this project's tensor names to a source's, and the completeness
+check (nothing missing, nothing left over, every shape right, no layer this project does not build).
 
 A rule is a regular expression over *our* key and the source key it comes from, so an importer lists each of its
 names once and the model built from the inferred config says which keys must exist."""
@@ -8,51 +8,43 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from training.backbone_io import BATCH_COUNTER
 from training.config import Config
 from training.errors import UserError
 from training.models import SOLOv2
 
-SourceName = str | Callable[[re.Match[str]], str]
-BATCH_COUNTER = "num_batches_tracked"  # BatchNorm bookkeeping: not a weight, absent from frozen BatchNorm
-# Names of tensors that exist only in layers this project does not build; each names the feature for the error.
-UNSUPPORTED_FEATURES = (
-    ("conv_offset", "deformable convolutions (DCN)"),
-    ("dcn", "deformable convolutions (DCN)"),
-    ("context_block", "context blocks (GCNet)"),
-    ("conv2.weight_diff", "switchable atrous convolution"),
-)
+# Parts of tensor names that exist only in layers this project does not build, with the feature the error names:
+# mmdetection's DCN variants (backbone stages and the light head's last tower conv) carry the offset convs.
+UNSUPPORTED_FEATURES = (("conv_offset", "deformable convolutions (DCN)"),)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Our key ``pattern`` (a full-match regex) comes from the source key ``source`` (a ``re`` template or a
-    function of the match)."""
+    """Our key ``pattern`` (a full-match regex) comes from the source key ``source(match)``."""
 
     pattern: str
-    source: SourceName
+    source: Callable[[re.Match[str]], str]
 
     def source_key(self, key: str) -> str | None:
         match = re.fullmatch(self.pattern, key)
-        if match is None:
-            return None
-        return self.source(match) if callable(self.source) else match.expand(self.source)
+        return None if match is None else self.source(match)
 
 
 @dataclass
 class ImportedModel:
-    """A SOLOv2 config and its complete state dict, with the class names and a description of the source."""
+    """A SOLOv2 config and its complete state dict, the class names the source records (if any) and a one-line
+    description of what it was."""
 
     config: Config
     state: dict[str, Tensor]
     class_names: list[str] | None
-    source_format: str
-    notes: list[str] = field(default_factory=list)
+    description: str
 
 
 def shown(keys: list[str], limit: int = 3) -> str:

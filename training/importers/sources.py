@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from training.backbone_io import check_resnet, infer_depth, torchvision_name
+from training.backbone_io import BATCH_COUNTER, CLASSIFIER_PREFIX, check_resnet, infer_depth, torchvision_name
 from training.checkpoint import read_torch_file
 from training.errors import UserError
 from training.importers.architecture import Widths, imported_config
@@ -23,7 +23,6 @@ from training.safe_pickle import load_plain_pickle
 MODEL_FORMATS = ("mmdet", "solo", "freesolo")
 BACKBONE_FORMATS = ("densecl", "detectron2")
 FORMATS = ("auto", *MODEL_FORMATS, *BACKBONE_FORMATS)
-BATCH_COUNTER = "num_batches_tracked"
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def import_model(
         consumed=lambda key: key.endswith(BATCH_COUNTER) or key in COUNTERS,
     )
     meta = payload.get("meta") if isinstance(payload, Mapping) else None
-    return ImportedModel(config, weights, mmdet_class_names(meta), fmt, [f"{layout.description} {family}"])
+    return ImportedModel(config, weights, mmdet_class_names(meta), f"{layout.description} {family}")
 
 
 def import_backbone(payload: Any, fmt: str, source: str) -> tuple[dict[str, Tensor], int]:
@@ -126,7 +125,7 @@ def import_backbone(payload: Any, fmt: str, source: str) -> tuple[dict[str, Tens
         if foreign:
             raise UserError(f"{source}: not detectron2 ResNet names: {shown(foreign)}")
         state = {renamed[key]: value for key, value in state.items()}
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    state = {key: value for key, value in state.items() if not key.startswith(CLASSIFIER_PREFIX)}
     if "conv1.weight" not in state:
         raise UserError(f"{source}: no ResNet backbone ('conv1.weight' missing)")
     depth = infer_depth(state, source)
