@@ -272,18 +272,24 @@ def test_predict_matches_mmdetection_on_photographs(imported, batch_size: int, t
     assert total >= 20  # the comparison is not vacuous
 
 
-def test_imported_model_exports_and_passes_parity(
-    mmdet_registry: None, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """The imported light model as one dynamic ONNX graph, against PyTorch on the photographs, two per batch."""
-    _, checkpoint = import_variant("light-r18", tmp_path)
-    onnx_path = tmp_path / "imported.onnx"
+@pytest.fixture(scope="module")
+def light_export(mmdet_registry: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
+    """The imported light model, its dynamic ONNX export and the photographs as PNG files."""
+    folder = tmp_path_factory.mktemp("light-export")
+    _, checkpoint = import_variant("light-r18", folder)
+    onnx_path = folder / "imported.onnx"
     export = ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx_path), "--dynamic", "--no-simplify"]
     assert main(export) == 0
     files = []
     for name, load in PHOTOS.items():
-        files.append(tmp_path / f"{name}.png")
+        files.append(folder / f"{name}.png")
         Image.fromarray(load()).save(files[-1])
+    return checkpoint, onnx_path, files
+
+
+def test_imported_model_exports_and_passes_parity(light_export, capsys: pytest.CaptureFixture) -> None:
+    """The imported light model as one dynamic ONNX graph, against PyTorch on the photographs, two per batch."""
+    checkpoint, onnx_path, files = light_export
     capsys.readouterr()
     arguments = ["--checkpoint", str(checkpoint), "--onnx", str(onnx_path), "--batch-size", "2", *map(str, files)]
     code = main(["parity", *arguments])
@@ -292,3 +298,11 @@ def test_imported_model_exports_and_passes_parity(
     assert out.strip().splitlines()[-1].startswith("parity: PASS, 3 image/runtime comparisons")
     compared = [line.split()[3] for line in out.splitlines() if line.split()[:1] and line.split()[0].endswith(".png")]
     assert len(compared) == 3 and all(int(pair.split("/")[0]) > 0 for pair in compared)  # detections compared
+
+
+def test_served_preprocessing_gets_the_imported_filter(light_export, tmp_path: Path) -> None:
+    """`serve prepare` carries the model's resize filter into the Triton preprocess step's config."""
+    _, onnx_path, _ = light_export
+    assert main(["serve", "prepare", "--onnx", str(onnx_path), "--repo", str(tmp_path / "repo")]) == 0
+    config = (tmp_path / "repo" / "preprocess" / "config.pbtxt").read_text()
+    assert 'key: "resize_filter" value: { string_value: "opencv" }' in config
