@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from training.checkpoint import model_from_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.cli import main
 
 pytest.importorskip("mmdet", reason="mmdetection is a dev extra: pip install -e '.[dev]'")
@@ -178,6 +178,7 @@ def test_head_outputs_equal_mmdetection(imported) -> None:
     mmdet_model, checkpoint = imported
     ours, config, metadata = model_from_checkpoint(checkpoint)
     assert metadata["class_names"][0] == "person" and len(metadata["class_names"]) == 80
+    assert metadata["category_ids"][-1] == 90  # the checkpoint's COCO names get COCO's category ids
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (2, 3, 96, 160), dtype=torch.uint8, generator=generator)
     mean = torch.tensor(config.model.pixel_mean).view(1, 3, 1, 1)
@@ -221,13 +222,14 @@ def our_predictions(checkpoint: Path, files: list[Path], batch_size: int, out: P
     arguments = ["--checkpoint", str(checkpoint), "--out", str(out), "--batch-size", str(batch_size), "--no-progress"]
     assert main(["predict", *arguments, *map(str, files)]) == 0
     results = json.loads(out.read_text())
+    label_of = {c: label for label, c in enumerate(load_checkpoint(checkpoint)["metadata"]["category_ids"])}
     found = []
     for index in range(len(files)):
         mine = [r for r in results if r["image_id"] == index]
         found.append(
             {
                 "masks": np.array([mask_utils.decode(r["segmentation"]) > 0 for r in mine]),
-                "labels": np.array([r["category_id"] - 1 for r in mine]),
+                "labels": np.array([label_of[r["category_id"]] for r in mine]),
                 "scores": np.array([r["score"] for r in mine]),
             }
         )

@@ -89,10 +89,12 @@ def run_import_weights(args: argparse.Namespace) -> int:
 
 
 def class_list(choice: str | None, imported: ImportedModel) -> tuple[list[int], list[str]]:
-    """(category ids, names) for the model's outputs, checked against its number of classes."""
+    """(category ids, names) for the model's outputs, checked against its number of classes. COCO's names get
+    COCO's category ids (not contiguous), so results evaluate against COCO annotation files directly."""
     count = imported.config.model.num_classes
-    if choice == "coco":
-        ids, names = [c for c, _ in COCO_CATEGORIES], [n for _, n in COCO_CATEGORIES]
+    coco_names = [name for _, name in COCO_CATEGORIES]
+    if choice == "coco" or (choice is None and imported.class_names == coco_names):
+        ids, names = [c for c, _ in COCO_CATEGORIES], coco_names
     elif choice is not None:
         names = read_class_file(Path(choice))
         ids = list(range(1, len(names) + 1))
