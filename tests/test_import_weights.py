@@ -6,14 +6,17 @@ from the importer's own rules; every tensor must land in one place, and bad file
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 import torchvision
+from PIL import Image
 
 from training.backbone_io import backbone_state_dict
 from training.checkpoint import model_from_checkpoint, save_checkpoint
@@ -287,13 +290,20 @@ def test_an_unknown_head_width_is_refused(tmp_path: Path, capsys: pytest.Capture
     assert "unknown SOLOv2 variant" in error_line(capsys, str(tmp_path / "odd.pth"), "--out", str(tmp_path / "o.pt"))
 
 
-def test_checkpoint_writer_roundtrip_is_the_ordinary_format(tmp_path: Path) -> None:
-    """An imported checkpoint is read by the same loader as a trained one, and so by eval, predict and export."""
+def test_imported_checkpoint_is_an_ordinary_one(tmp_path: Path) -> None:
+    """An imported checkpoint is read by the same loader as a trained one, round-trips, and `predict` runs it."""
     torch.save({"state_dict": solo_state(18)}, tmp_path / "solo.pth")
-    assert import_weights(str(tmp_path / "solo.pth"), "--out", str(tmp_path / "a.pt"), "--test-size", "96") == 0
+    sizes = ["--test-size", "96", "--max-size", "128"]
+    assert import_weights(str(tmp_path / "solo.pth"), "--out", str(tmp_path / "a.pt"), *sizes) == 0
     model, config, _ = model_from_checkpoint(tmp_path / "a.pt")
+    assert (config.input.test_size, config.input.max_size) == (96, 128)
     save_checkpoint(tmp_path / "b.pt", {"config": config.to_dict(), "model": model.state_dict()})
     assert model_from_checkpoint(tmp_path / "b.pt")[1] == config
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.png")
+    out = tmp_path / "preds.json"
+    predict = ["predict", "--checkpoint", str(tmp_path / "a.pt"), str(tmp_path / "chelsea.png"), "--out", str(out)]
+    assert main(predict) == 0
+    assert isinstance(json.loads(out.read_text()), list)
 
 
 def test_imported_backbone_starts_pretraining(synth_data: Path, tmp_path: Path) -> None:
