@@ -35,7 +35,8 @@ OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)
 METADATA_KEYS = (
     "freesolo.contract",  # version of this contract
     "freesolo.preset",
-    # json: {"height", "width", "dynamic", "size_divisor", "test_size", "max_size", "resize_filter", "resize"}
+    # json: {"height", "width", "dynamic", "size_divisor", "test_size", "max_size", "resize_filter",
+    # "resize_rounding", "resize"}
     "freesolo.input_size",
     "freesolo.inference",  # json: score_thr, mask_thr, update_thr, nms_pre, nms_kernel, nms_sigma
     "freesolo.max_per_img",  # K

@@ -131,6 +131,7 @@ def model_metadata(config: Config, metadata: dict[str, Any], size: InputSize, ch
         "test_size": config.input.test_size,
         "max_size": config.input.max_size,
         "resize_filter": config.input.resize_filter,
+        "resize_rounding": config.input.resize_rounding,
         "resize": RESIZE_POLICY,
     }
     thresholds = {
@@ -264,7 +265,15 @@ def export_onnx(
     calibration: list[np.ndarray] = []
     if precision == "int8":
         sizes = config.input
-        policy = InputPolicy(size.height, size.width, dynamic, sizes.test_size, sizes.max_size, sizes.resize_filter)
+        policy = InputPolicy(
+            size.height,
+            size.width,
+            dynamic,
+            sizes.test_size,
+            sizes.max_size,
+            sizes.resize_filter,
+            sizes.resize_rounding,
+        )
         try:
             calibration = calibration_images(Path(str(calib_images)), calib_count, policy)
         except UserError as error:

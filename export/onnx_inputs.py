@@ -33,7 +33,8 @@ class InputPolicy:
     dynamic: bool
     test_size: int
     max_size: int
-    resize_filter: str = "antialias"  # InputConfig.resize_filter; absent from the metadata of older exports
+    resize_filter: str = "antialias"  # InputConfig.resize_filter and resize_rounding; absent from the metadata
+    resize_rounding: str = "half_even"  # of older exports
 
     @classmethod
     def from_metadata(cls, props: Mapping[str, str]) -> InputPolicy:
@@ -48,13 +49,14 @@ class InputPolicy:
             size["test_size"],
             size["max_size"],
             size.get("resize_filter", "antialias"),
+            size.get("resize_rounding", "half_even"),
         )
 
 
 def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[torch.Tensor, ImageGeometry]:
     """[H, W, 3] uint8 RGB -> (uint8 [3, H', W'] graph input, geometry for mapping masks back to the image)."""
     height, width = image.shape[:2]
-    size = resized_shape(height, width, policy.test_size, policy.max_size)
+    size = resized_shape(height, width, policy.test_size, policy.max_size, policy.resize_rounding)
     if policy.dynamic:
         target = tuple(-(-side // SIZE_DIVISOR) * SIZE_DIVISOR for side in size)
     else:

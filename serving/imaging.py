@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from export.graph_contract import fit_within
 from serving.contract import IMAGE_FORMATS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
-from training.data.opencv_resize import opencv_bilinear
+from training.data.resize_modes import resize_upstream, round_size
 
 # PIL's own bomb guard (an error above twice the limit, in Image.open) stops the largest headers even earlier.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -37,7 +37,8 @@ class InputPolicy:
     width: int
     test_size: int
     max_size: int
-    resize_filter: str = "antialias"  # or "opencv"
+    resize_filter: str = "antialias"  # InputConfig.resize_filter / resize_rounding (training.data.resize_modes)
+    resize_rounding: str = "half_even"
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -73,12 +74,14 @@ def check_header(image_format: str | None, width: int, height: int) -> None:
         raise ImageError(f"image is {width}x{height}: more than {MAX_IMAGE_PIXELS} pixels (decompression-bomb guard)")
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+def resized_shape(
+    height: int, width: int, short_side: int, max_size: int, rounding: str = "half_even"
+) -> tuple[int, int]:
     """Shorter side to ``short_side`` unless the longer would exceed ``max_size`` (training's test resize)."""
     scale = short_side / min(height, width)
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return max(1, round_size(height * scale, rounding)), max(1, round_size(width * scale, rounding))
 
 
 def resample_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -113,10 +116,11 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, np.ndarray]:
     """[H, W, 3] uint8 RGB -> (uint8 [3, height, width] model input, int32 geometry [H, W, resized h, resized w])."""
     height, width = image.shape[:2]
-    size = fit_within(*resized_shape(height, width, policy.test_size, policy.max_size), policy.height, policy.width)
+    shape = resized_shape(height, width, policy.test_size, policy.max_size, policy.resize_rounding)
+    size = fit_within(*shape, policy.height, policy.width)
     padded = np.zeros((3, policy.height, policy.width), dtype=np.uint8)
-    if policy.resize_filter == "opencv" and image.shape[:2] != tuple(size):
-        resized = opencv_bilinear(image, *size)
+    if policy.resize_filter != "antialias" and image.shape[:2] != tuple(size):
+        resized = resize_upstream(image, size, policy.resize_filter)
     else:
         resized = resize_rgb(image, size)
     padded[:, : size[0], : size[1]] = resized.transpose(2, 0, 1)

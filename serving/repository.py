@@ -16,7 +16,7 @@ from string import Template
 
 from export.graph_contract import INPUT_NAME, MASK_STRIDE, SIZE_DIVISOR
 from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
-from training.data.opencv_resize import RESIZE_FILTERS
+from training.data.resize_modes import RESIZE_FILTERS, SIZE_ROUNDINGS
 from training.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "model_repository"
@@ -37,7 +37,8 @@ class ServedModel:
     max_size: int
     class_names: list[str]
     category_ids: list[int]
-    resize_filter: str = "antialias"  # InputConfig.resize_filter; absent from older exports' metadata
+    resize_filter: str = "antialias"  # InputConfig.resize_filter and resize_rounding; absent from older exports'
+    resize_rounding: str = "half_even"  # metadata
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
         raise UserError(f"{path} is not a `freesolo export onnx` model (no {missing or [INPUT_NAME]})")
     policy = json.loads(props["freesolo.input_size"])
     resize_filter = policy.get("resize_filter", "antialias")
-    if resize_filter not in RESIZE_FILTERS:
-        raise UserError(f"{path}: unknown resize filter {resize_filter!r} in its metadata (known: {RESIZE_FILTERS})")
+    resize_rounding = policy.get("resize_rounding", "half_even")
+    if resize_filter not in RESIZE_FILTERS or resize_rounding not in SIZE_ROUNDINGS:
+        unknown = f"resize filter {resize_filter!r}, rounding {resize_rounding!r}"
+        raise UserError(f"{path}: unknown {unknown} in its metadata (known: {RESIZE_FILTERS}, {SIZE_ROUNDINGS})")
     dims = [d.dim_value or None for d in inputs[INPUT_NAME].type.tensor_type.shape.dim]
     height, width = served_size(path, dims[2:], (height, width), (policy["height"], policy["width"]))
     class_names = json.loads(props.get("freesolo.class_names", "[]"))
@@ -85,6 +88,7 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
         class_names,
         category_ids,
         resize_filter,
+        resize_rounding,
     )
 
 
@@ -136,6 +140,7 @@ def template_values(model: ServedModel, settings: Settings) -> dict[str, str]:
         "TEST_SIZE": str(model.test_size),
         "MAX_SIZE": str(model.max_size),
         "RESIZE_FILTER": pbtxt_string(model.resize_filter),
+        "RESIZE_ROUNDING": pbtxt_string(model.resize_rounding),
     }
 
 

@@ -144,6 +144,7 @@ def test_freesolo_checkpoint_loads_completely(tmp_path: Path) -> None:
     model, config, metadata = model_from_checkpoint(tmp_path / "out.pt")
     assert (config.model.depth, config.model.num_classes, config.model.embedding_dim) == (50, 2, 128)
     assert (config.input.test_size, config.input.max_size) == (800, 1333)
+    assert (config.input.resize_filter, config.input.resize_rounding) == ("pil", "half_up")  # detectron2's resize
     assert metadata["source"]["format"] == "freesolo" and metadata["class_names"] == ["0", "1"]
     state = model.state_dict()
     assert_every_tensor_placed_once(source, state)

@@ -58,8 +58,9 @@ class LossConfig:
 @dataclass
 class InputConfig:
     """Resize policy: shorter side to one of ``train_sizes`` (test: ``test_size``), longer side at most ``max_size``;
-    the batch is then padded to a multiple of ``size_divisor``. ``resize_filter``: "antialias" (bilinear, antialiased)
-    or "opencv" (OpenCV's bilinear resize bit for bit, which mmdetection and detectron2 test with; imported weights)."""
+    the batch is then padded to a multiple of ``size_divisor``. ``resize_filter`` and ``resize_rounding`` say how
+    (``training.data.resize_modes``): this project's antialiased filter and round-half-even sizes, or an upstream
+    pipeline's for imported weights."""
 
     train_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     test_size: int = 800
@@ -67,6 +68,7 @@ class InputConfig:
     size_divisor: int = 32
     hflip: bool = True
     resize_filter: str = "antialias"
+    resize_rounding: str = "half_even"
 
 
 @dataclass

@@ -42,7 +42,12 @@ class Predictor:
     @property
     def test_policy(self) -> ResizePolicy:
         sizes = self.config.input
-        return ResizePolicy((sizes.test_size,), sizes.max_size, resize_filter=sizes.resize_filter)
+        return ResizePolicy(
+            (sizes.test_size,),
+            sizes.max_size,
+            resize_filter=sizes.resize_filter,
+            resize_rounding=sizes.resize_rounding,
+        )
 
     @torch.inference_mode()
     def detections(

@@ -26,12 +26,13 @@ from training.results import ImageGeometry
 @dataclass(frozen=True)
 class ResizePolicy:
     """Shorter side to one of ``sizes`` (chosen at random when training), longer side at most ``max_size``;
-    ``resize_filter`` as ``InputConfig.resize_filter``."""
+    ``resize_filter`` and ``resize_rounding`` as in ``InputConfig``."""
 
     sizes: tuple[int, ...]
     max_size: int
     hflip: bool = False
     resize_filter: str = "antialias"
+    resize_rounding: str = "half_even"
 
 
 def load_annotation_file(path: Path) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def transform_sample(
     short_side = policy.sizes[0]
     if generator is not None and len(policy.sizes) > 1:
         short_side = policy.sizes[int(torch.randint(len(policy.sizes), (1,), generator=generator))]
-    size = resized_shape(height, width, short_side, policy.max_size)
+    size = resized_shape(height, width, short_side, policy.max_size, policy.resize_rounding)
     image, masks = resize_image(image, size, policy.resize_filter), resize_masks(masks, size)
     if generator is not None and policy.hflip and torch.rand((), generator=generator) < 0.5:
         image, masks = hflip(image, masks)

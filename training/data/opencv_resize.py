@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# The image resize filters an input policy can name (InputConfig.resize_filter): torch's antialiased bilinear filter,
-# or this module's.
-RESIZE_FILTERS = ("antialias", "opencv")
 WEIGHT_SCALE = np.float32(1 << 11)
 
 

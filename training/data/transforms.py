@@ -7,16 +7,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data.opencv_resize import RESIZE_FILTERS, opencv_bilinear
+from training.data.resize_modes import RESIZE_FILTERS, resize_upstream, round_size
 from training.errors import UserError
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``."""
+def resized_shape(
+    height: int, width: int, short_side: int, max_size: int, rounding: str = "half_even"
+) -> tuple[int, int]:
+    """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``; sizes rounded
+    as ``InputConfig.resize_rounding`` says."""
     scale = short_side / min(height, width)
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return max(1, round_size(height * scale, rounding)), max(1, round_size(width * scale, rounding))
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
@@ -25,13 +28,13 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int], resize_filter: str = "antialias") -> torch.Tensor:
-    """Bilinear resize of a [3, H, W] uint8 image: antialiased, or OpenCV's filter (what upstream-trained weights
-    were tested with, ``InputConfig.resize_filter``)."""
+    """Bilinear resize of a [3, H, W] uint8 image: antialiased, or the filter upstream-trained weights were tested
+    with (``InputConfig.resize_filter``: OpenCV's or Pillow's)."""
     if tuple(image.shape[-2:]) == size:
         return image
-    if resize_filter == "opencv":
-        resized = opencv_bilinear(image.permute(1, 2, 0).numpy(), *size)
-        return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+    if resize_filter in ("opencv", "pil"):
+        resized = resize_upstream(image.permute(1, 2, 0).numpy(), size, resize_filter)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
     if resize_filter != "antialias":
         raise UserError(f"unknown resize filter '{resize_filter}' (use one of {', '.join(RESIZE_FILTERS)})")
     resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)

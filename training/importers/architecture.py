@@ -92,6 +92,7 @@ def imported_config(
         test_size=test_size or family.test_size,
         max_size=max_size or family.max_size,
         resize_filter=resize_filter,
+        resize_rounding="half_up",  # mmcv's rescale_size and detectron2's ResizeShortestEdge: int(x + 0.5)
     )
     # Upstream's test_cfg values are the InferenceConfig defaults; only the mask resize differs.
     inference = InferenceConfig(resize_soft_masks=True)

@@ -37,8 +37,7 @@ class ModelLayout:
     resize_filter: str  # how upstream's test pipeline resizes (InputConfig.resize_filter)
 
 
-# mmcv resizes with OpenCV (cv2.resize, bilinear); detectron2 resizes uint8 images with PIL's bilinear filter, which
-# widens with the downscale factor like torch's antialiased one.
+# mmcv resizes with OpenCV (cv2.resize, bilinear); detectron2 resizes uint8 images with Pillow's bilinear filter.
 LAYOUTS = {
     "mmdet": ModelLayout(
         "state_dict", "mask_head.mask_feature_head.", MMDET3_NAMES, mmdet_widths, "mmdetection 3.x", "opencv"
@@ -47,7 +46,7 @@ LAYOUTS = {
         "state_dict", "mask_feat_head.", SOLO_NAMES, solo_widths, "WXinlong/SOLO (mmdetection 1.x)", "opencv"
     ),
     "freesolo": ModelLayout(
-        "model", "ins_head.", FREESOLO_NAMES, freesolo_widths, "NVlabs/FreeSOLO (detectron2)", "antialias"
+        "model", "ins_head.", FREESOLO_NAMES, freesolo_widths, "NVlabs/FreeSOLO (detectron2)", "pil"
     ),
 }
 

@@ -21,7 +21,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         height, width = (int(d) for d in pb_utils.get_output_config_by_name(config, "images")["dims"][1:])
         sizes = (int(parameter(config, "test_size")), int(parameter(config, "max_size")))
-        self.policy = InputPolicy(height, width, *sizes, parameter(config, "resize_filter"))
+        modes = (parameter(config, "resize_filter"), parameter(config, "resize_rounding"))
+        self.policy = InputPolicy(height, width, *sizes, *modes)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, "preprocess", requests, self.handle)
