@@ -47,7 +47,7 @@ def _mask_names(prefix: str, project: str) -> dict[str, Any]:
 
 
 MMDET_TOWERS = {"kernel": "kernel_convs", "cate": "cls_convs"}
-MMDET_PREDICTORS = {"kernel": "conv_kernel", "cate": "conv_cls", "embed": "conv_embed"}
+MMDET_PREDICTORS = {"kernel": "conv_kernel", "cate": "conv_cls"}  # mmdetection SOLOv2 has no embedding head
 
 MMDET3_NAMES = SourceNames(
     backbone=backbone_name,
