@@ -265,6 +265,8 @@ def test_bad_files_end_in_one_error_line(tmp_path: Path, capsys: pytest.CaptureF
     torch.save(good, tmp_path / "good.pth")
     assert "not a NVlabs/FreeSOLO" in error_line(capsys, str(tmp_path / "good.pth"), "--out", str(out), "--format",
                                                  "freesolo")  # fmt: skip
+    arguments = [str(tmp_path / "good.pth"), "--out", str(out), "--format", "densecl"]
+    assert "no ResNet backbone ('conv1.weight' missing)" in error_line(capsys, *arguments)
     data = (tmp_path / "good.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
     assert "cannot read weights file" in error_line(capsys, str(tmp_path / "truncated.pth"), "--out", str(out))
