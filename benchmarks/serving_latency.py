@@ -58,7 +58,15 @@ class InProcess:
 
     def __init__(self, onnx_path: Path, threads: int, info: ModelInfo) -> None:
         served = read_model(onnx_path)
-        self.policy = InputPolicy(served.height, served.width, served.dynamic, served.test_size, served.max_size)
+        self.policy = InputPolicy(
+            served.height,
+            served.width,
+            served.dynamic,
+            served.test_size,
+            served.max_size,
+            served.resize_filter,
+            served.resize_rounding,
+        )
         options = session_options(threads)  # as serving/model_repository/model_python/1/model.py
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.info = info

@@ -33,7 +33,9 @@ OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)
 METADATA_KEYS = (
     "freesolo.contract",  # version of this contract
     "freesolo.preset",
-    "freesolo.input_size",  # json: {"height", "width", "dynamic", "size_divisor", "test_size", "max_size", "resize"}
+    # json: {"height", "width", "dynamic", "size_divisor", "test_size", "max_size", "resize_filter",
+    # "resize_rounding", "resize"}
+    "freesolo.input_size",
     "freesolo.inference",  # json: score_thr, mask_thr, update_thr, nms_pre, nms_kernel, nms_sigma
     "freesolo.max_per_img",  # K
     "freesolo.class_names",  # json list, index = label

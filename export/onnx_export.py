@@ -125,6 +125,8 @@ def model_metadata(config: Config, metadata: dict[str, Any], size: InputSize, ch
         "size_divisor": SIZE_DIVISOR,
         "test_size": config.input.test_size,
         "max_size": config.input.max_size,
+        "resize_filter": config.input.resize_filter,
+        "resize_rounding": config.input.resize_rounding,
         "resize": RESIZE_POLICY,
     }
     thresholds = {
@@ -259,7 +261,16 @@ def export_onnx(
     size = choose_input_size(config, height, width, dynamic)
     calibration: list[np.ndarray] = []
     if precision == "int8":
-        policy = InputPolicy(size.height, size.width, dynamic, config.input.test_size, config.input.max_size)
+        sizes = config.input
+        policy = InputPolicy(
+            size.height,
+            size.width,
+            dynamic,
+            sizes.test_size,
+            sizes.max_size,
+            sizes.resize_filter,
+            sizes.resize_rounding,
+        )
         try:
             calibration = calibration_images(Path(str(calib_images)), calib_count, policy)
         except UserError as error:

@@ -33,7 +33,8 @@ def input_policy(config: dict[str, Any], height: int, width: int) -> InputPolicy
     """The served input policy: the model's H x W (-1 x -1: dynamic) and the test resize's parameters from the
     config."""
     test_size, max_size = int(parameter(config, "test_size")), int(parameter(config, "max_size"))
-    return InputPolicy(height, width, height == -1, test_size, max_size)
+    modes = (parameter(config, "resize_filter"), parameter(config, "resize_rounding"))
+    return InputPolicy(height, width, height == -1, test_size, max_size, *modes)
 
 
 def input_array(

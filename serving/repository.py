@@ -27,7 +27,7 @@ from serving.server_binary import check_backend_path
 from serving.step_guard import TAG_BYTES, write_key
 from training.errors import UserError
 from training.fileio import atomic_write
-from training.geometry import MASK_STRIDE, SIZE_DIVISOR, round_up
+from training.geometry import MASK_STRIDE, RESIZE_FILTERS, SIZE_DIVISOR, SIZE_ROUNDINGS, round_up
 
 TEMPLATES = Path(__file__).parent / "model_repository"
 FLAVOURS = {"python": "model_python", "onnxruntime": "model_onnxruntime", "tensorrt": "model_tensorrt"}
@@ -56,6 +56,8 @@ class ServedModel:
     max_size: int
     class_names: list[str]
     category_ids: list[int]
+    resize_filter: str = "antialias"  # InputConfig.resize_filter and resize_rounding; absent from older exports'
+    resize_rounding: str = "half_even"  # metadata
 
     @property
     def dynamic(self) -> bool:
@@ -142,7 +144,14 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
         raise UserError(f"{path}: input {INPUT_NAME} has rank {len(dims)}, expected [batch, 3, height, width]")
     height, width = served_size(path, dims[2:], (height, width))
     names, category_ids = class_names(path, props)
-    served = ServedModel(height, width, k, sizes["test_size"], sizes["max_size"], names, category_ids)
+    resize_filter = policy.get("resize_filter", "antialias")  # absent from older exports' metadata
+    resize_rounding = policy.get("resize_rounding", "half_even")
+    if resize_filter not in RESIZE_FILTERS or resize_rounding not in SIZE_ROUNDINGS:
+        unknown = f"resize filter {resize_filter!r}, rounding {resize_rounding!r}"
+        raise UserError(f"{path}: unknown {unknown} in its metadata (known: {RESIZE_FILTERS}, {SIZE_ROUNDINGS})")
+    served = ServedModel(
+        height, width, k, sizes["test_size"], sizes["max_size"], names, category_ids, resize_filter, resize_rounding
+    )
     if served.max_side > MAX_SERVED_SIDE:
         raise UserError(f"{path}: max_size {served.max_size} is too large to serve dynamic; give --height/--width")
     return served
@@ -194,6 +203,7 @@ def step_parameters(template: str, model: ServedModel, settings: Settings) -> di
         parameters["intra_op_thread_count"] = str(settings.threads)  # ONNX Runtime threads; 0: one per core
     if template in (PREPROCESS, POSTPROCESS):
         parameters |= {"test_size": str(model.test_size), "max_size": str(model.max_size)}
+        parameters |= {"resize_filter": model.resize_filter, "resize_rounding": model.resize_rounding}
     if template in (FLAVOURS["python"], POSTPROCESS):  # the largest side a dynamic model's input may have
         parameters["max_side"] = str(model.max_side)
     if template == ENSEMBLE:  # a client reads the class names, category ids and input kind from the ensemble's config

@@ -10,6 +10,7 @@ Accepted inputs (published DenseCL backbones use torchvision ResNet keys, so thi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,24 @@ def detectron2_name(key: str) -> str:
     if module == "downsample":
         return f"{block}.shortcut.{rest[1]}" if rest[0] == "0" else f"{block}.shortcut.norm.{rest[1]}"
     raise ValueError(f"not a torchvision ResNet backbone key: {key}")
+
+
+DETECTRON2_BLOCK = re.compile(r"res(\d)\.(\d+)\.(conv\d|shortcut)\.(norm\.)?(\w+)")
+DETECTRON2_STEM = re.compile(r"stem\.conv1\.(norm\.)?(\w+)")
+
+
+def torchvision_name(key: str) -> str | None:
+    """The inverse of ``detectron2_name``; None for a key that is not a detectron2 ResNet tensor name."""
+    if match := DETECTRON2_STEM.fullmatch(key):
+        return f"{'bn1' if match[1] else 'conv1'}.{match[2]}"
+    match = DETECTRON2_BLOCK.fullmatch(key)
+    if match is None:
+        return None
+    stage, block, module, norm, part = match.groups()
+    prefix = f"layer{int(stage) - 1}.{block}"
+    if module == "shortcut":
+        return f"{prefix}.downsample.{1 if norm else 0}.{part}"
+    return f"{prefix}.{'bn' + module.removeprefix('conv') if norm else module}.{part}"
 
 
 def load_backbone(path: Path, dilate_res5: bool = False) -> tuple[nn.Module, int]:

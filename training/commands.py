@@ -16,6 +16,7 @@ from training.data.images import IMAGE_SUFFIXES, expand_images, list_images, rea
 from training.errors import UserError
 from training.export_backbone import register as register_export_backbone
 from training.fileio import atomic_write_text
+from training.importers.command import register as register_import_weights
 from training.pretrain import register as register_pretrain
 
 
@@ -30,6 +31,7 @@ def register(commands: Subcommands) -> None:
     _register_eval(commands)
     _register_predict(commands)
     register_export_backbone(commands)
+    register_import_weights(commands)
 
 
 def _register_freemask(commands: Subcommands) -> None:

@@ -42,6 +42,10 @@ class ModelConfig:
     )
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    # Padding as mmdetection and detectron2 pad: zeros after normalisation (the mean colour) rather than black
+    # pixels. It needs each image's size (``SOLOv2.forward(images, sizes)``, which prediction and evaluation pass);
+    # a graph given only the padded images sees black padding. Imported upstream weights set it.
+    pad_normalized: bool = False
 
 
 @dataclass
@@ -59,13 +63,17 @@ class LossConfig:
 @dataclass
 class InputConfig:
     """Resize policy: shorter side to one of ``train_sizes`` (test: ``test_size``), longer side at most ``max_size``;
-    the batch is then padded to a multiple of ``size_divisor``."""
+    the batch is then padded to a multiple of ``size_divisor``. ``resize_filter`` and ``resize_rounding`` say how
+    (``training.geometry``): this project's antialiased filter and round-half-even sizes, or an upstream
+    pipeline's for imported weights."""
 
     train_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     test_size: int = 800
     max_size: int = 1333
     size_divisor: int = SIZE_DIVISOR
     hflip: bool = True
+    resize_filter: str = "antialias"
+    resize_rounding: str = "half_even"
 
 
 @dataclass
@@ -100,6 +108,10 @@ class InferenceConfig:
     max_per_img: int = 100
     nms_kernel: str = DEFAULT_KERNEL
     nms_sigma: float = DEFAULT_SIGMA
+    # Upstream resizes each kept mask's probabilities to the image and thresholds there; the graph contract
+    # thresholds at stride 4 first (binary masks), which moves boundaries by up to half a stride-4 cell. True makes
+    # PyTorch prediction resize the probabilities (imported upstream weights set it); exported graphs stay binary.
+    resize_soft_masks: bool = False
 
 
 @dataclass

@@ -25,12 +25,21 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 
+from training.data.opencv_resize import opencv_bilinear
 from training.errors import UserError
 
 SIZE_DIVISOR = 32  # every network input side is a multiple of this (the coarsest FPN stride)
 MASK_STRIDE = 4  # the mask features' and the graph contract's masks' stride
 T = TypeVar("T")
+# How a policy may resize: the pixel filter and the rounding of the resized size. The defaults are this project's;
+# imported upstream weights name the ones their test pipeline used (InputConfig.resize_filter / resize_rounding):
+# "antialias" (torch's antialiased bilinear), "opencv" (cv2.resize bilinear, as mmcv resizes for mmdetection and
+# WXinlong/SOLO), "pil" (Pillow's bilinear, as detectron2 resizes for FreeSOLO); sizes rounded half to even (Python's
+# round) or half up (int(x + 0.5), mmcv's and detectron2's).
+RESIZE_FILTERS = ("antialias", "opencv", "pil")
+SIZE_ROUNDINGS = ("half_even", "half_up")
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,23 @@ class ImageGeometry:
     resized_width: int
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+def round_size(value: float, rounding: str) -> int:
+    """A resized side length, rounded as the policy says."""
+    if rounding == "half_up":
+        return int(value + 0.5)
+    if rounding == "half_even":
+        return round(value)
+    raise UserError(f"unknown size rounding {rounding!r} (known: {', '.join(SIZE_ROUNDINGS)})")
+
+
+def resized_shape(
+    height: int, width: int, short_side: int, max_size: int, rounding: str = "half_even"
+) -> tuple[int, int]:
     """Scale so the shorter side is ``short_side`` unless the longer side would exceed ``max_size``."""
     scale = short_side / min(height, width)
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return max(1, round_size(height * scale, rounding)), max(1, round_size(width * scale, rounding))
 
 
 def fit_within(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
@@ -91,6 +111,8 @@ class InputPolicy:
     dynamic: bool
     test_size: int
     max_size: int
+    resize_filter: str = "antialias"
+    resize_rounding: str = "half_even"
 
     @classmethod
     def from_metadata(cls, props: Mapping[str, str]) -> InputPolicy:
@@ -98,11 +120,19 @@ class InputPolicy:
         if "freesolo.input_size" not in props:
             raise UserError("the ONNX model has no freesolo.input_size metadata (not exported by freesolo?)")
         size = json.loads(props["freesolo.input_size"])
-        return cls(size["height"], size["width"], bool(size["dynamic"]), size["test_size"], size["max_size"])
+        return cls(
+            size["height"],
+            size["width"],
+            bool(size["dynamic"]),
+            size["test_size"],
+            size["max_size"],
+            size.get("resize_filter", "antialias"),  # absent from the metadata of older exports
+            size.get("resize_rounding", "half_even"),
+        )
 
     def geometry(self, height: int, width: int) -> ImageGeometry:
         """An image's geometry under this policy: its original size and the size it is resized to."""
-        size = resized_shape(height, width, self.test_size, self.max_size)
+        size = resized_shape(height, width, self.test_size, self.max_size, self.resize_rounding)
         if not self.dynamic:
             size = fit_within(*size, self.height, self.width)
         return ImageGeometry(height, width, *size)
@@ -128,12 +158,19 @@ def resample_matrix(out_size: int, in_size: int) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[H, W, 3] uint8 -> [h, w, 3] uint8, antialiased bilinear in float32, rounded half to even (as torch's
-    ``training.data.transforms.resize_image``). One channel at a time, width first, so a large photograph never
-    exists as a full float copy."""
+def resize_rgb(image: np.ndarray, size: tuple[int, int], resize_filter: str = "antialias") -> np.ndarray:
+    """[H, W, 3] uint8 -> [h, w, 3] uint8: the one image resize of every runtime. ``antialias``: bilinear widened
+    by the downscale factor in float32, rounded half to even (what torch computes with ``antialias=True``), one
+    channel at a time, width first, so a large photograph never exists as a full float copy; ``opencv`` / ``pil``:
+    the filters upstream weights were tested with."""
     if image.shape[:2] == tuple(size):
         return image
+    if resize_filter == "opencv":
+        return opencv_bilinear(image, *size)
+    if resize_filter == "pil":
+        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BILINEAR))
+    if resize_filter != "antialias":
+        raise UserError(f"unknown resize filter {resize_filter!r} (known: {', '.join(RESIZE_FILTERS)})")
     rows = resample_matrix(size[0], image.shape[0]).astype(np.float32)
     cols_t = resample_matrix(size[1], image.shape[1]).astype(np.float32).T
     out = np.empty((*size, 3), dtype=np.uint8)
@@ -148,7 +185,7 @@ def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, I
     geometry = policy.geometry(*image.shape[:2])
     size = (geometry.resized_height, geometry.resized_width)
     padded = np.zeros((3, *policy.canvas(geometry)), dtype=np.uint8)
-    padded[:, : size[0], : size[1]] = resize_rgb(image, size).transpose(2, 0, 1)
+    padded[:, : size[0], : size[1]] = resize_rgb(image, size, policy.resize_filter).transpose(2, 0, 1)
     return padded, geometry
 
 

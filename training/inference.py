@@ -50,20 +50,31 @@ class Predictor:
 
     @property
     def test_policy(self) -> ResizePolicy:
-        return ResizePolicy((self.config.input.test_size,), self.config.input.max_size, canvas=self.canvas)
+        sizes = self.config.input
+        return ResizePolicy(
+            (sizes.test_size,),
+            sizes.max_size,
+            resize_filter=sizes.resize_filter,
+            resize_rounding=sizes.resize_rounding,
+            canvas=self.canvas,
+        )
 
     @torch.inference_mode()
-    def detections(self, images: torch.Tensor, with_embeddings: bool = False) -> tuple[Detections, torch.Tensor | None]:
+    def detections(
+        self, images: torch.Tensor, with_embeddings: bool = False, sizes: torch.Tensor | None = None
+    ) -> tuple[Detections, torch.Tensor | None]:
         """uint8 [B, 3, H, W] (H, W multiples of 32) -> fixed-K detections, and, when asked and the model has an
-        embedding head, each detection's embedding [B, K, D] (self-training's targets)."""
-        output = self.model(images)
+        embedding head, each detection's embedding [B, K, D] (self-training's targets). ``sizes`` [B, 2], each
+        image's size before padding, lets a ``pad_normalized`` model pad as upstream does."""
+        output = self.model(images, sizes)
         dets = postprocess(output, self.config.inference, self.config.model.strides)
         embeddings = cell_embeddings(output, dets.cells) if with_embeddings and output.embeddings else None
         return dets, embeddings
 
     def batch_results(self, batch: Batch, with_embeddings: bool = False) -> list[list[dict[str, Any]]]:
         """COCO results of every image of a batch, at the original image sizes."""
-        return self.contract_results(batch, *self.detections(batch.images, with_embeddings))
+        sizes = torch.tensor([[g.resized_height, g.resized_width] for g in batch.geometries])
+        return self.contract_results(batch, *self.detections(batch.images, with_embeddings, sizes))
 
     def contract_results(
         self, batch: Batch, dets: Detections, embeddings: torch.Tensor | None = None
@@ -75,7 +86,7 @@ class Predictor:
                 int(dets.num_dets[i]),
                 dets.scores[i].numpy(),
                 dets.labels[i].numpy(),
-                dets.masks[i].numpy(),
+                (dets.soft_masks if self.config.inference.resize_soft_masks else dets.masks)[i].numpy(),
                 batch.geometries[i],
                 batch.image_ids[i],
                 self.category_ids,

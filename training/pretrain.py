@@ -34,6 +34,13 @@ def register(commands: Subcommands) -> None:
     pretrain.add_argument("--iters", type=positive_int, metavar="N", help="override the preset's pretrain iterations")
     pretrain.add_argument("--batch-size", type=positive_int, metavar="N", help="override the pretrain batch size")
     pretrain.add_argument("--lr", type=float, metavar="LR", help="override the pretrain base learning rate")
+    pretrain.add_argument(
+        "--init",
+        type=Path,
+        metavar="BACKBONE",
+        help="start both encoders from these ResNet weights (a torchvision state dict, e.g. from `freesolo "
+        "import-weights`, a DenseCL run or a SOLOv2 checkpoint); the depth must be the preset's",
+    )
     pretrain.add_argument("--resume", action="store_true", help="continue RUN from its checkpoint.pt")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(handler=run_pretrain)
@@ -61,9 +68,17 @@ def densecl_loss(
     return network(view_q, view_k, iteration)
 
 
-def train_densecl(images: Path, run: Any, config: Config, state: dict[str, Any] | None, progress: bool = True) -> Path:
+def train_densecl(
+    images: Path,
+    run: Any,
+    config: Config,
+    state: dict[str, Any] | None,
+    progress: bool = True,
+    init: Path | None = None,
+) -> Path:
     """Pre-train (or resume, given the checkpoint ``state``) a DenseCL model on ``images`` into the run directory
-    ``run`` (a ``RunPaths``) with ``config.pretrain``; returns the final model's path."""
+    ``run`` (a ``RunPaths``) with ``config.pretrain``; returns the final model's path. ``init`` starts a new run's
+    encoders from a backbone."""
     from training.data.views import TwoViews, collate_views
     from training.densecl import DenseCL
     from training.engine.distributed import is_main_process
@@ -75,6 +90,8 @@ def train_densecl(images: Path, run: Any, config: Config, state: dict[str, Any] 
     model = DenseCL(config.model.depth, config.pretrain, config.model.pixel_mean, config.model.pixel_std)
     metadata = {**new_metadata([], []), "kind": "densecl", "depth": config.model.depth}
     say = print if is_main_process() else (lambda *_: None)
+    if init is not None and state is None:
+        say(initialise_encoders(model, init, config.model.depth))
     if state and state["iteration"] >= config.solver.iters:
         say(f"{run.root} already has {state['iteration']} iterations (--iters {config.solver.iters}); nothing to train")
     elif state:
@@ -84,13 +101,32 @@ def train_densecl(images: Path, run: Any, config: Config, state: dict[str, Any] 
     )
 
 
+def initialise_encoders(model: nn.Module, path: Path, depth: int) -> str:
+    """Both encoders' ResNet from a backbone file (the key encoder starts as a copy of the query encoder, as in
+    DenseCL); the projection heads keep their random initialisation. Returns a one-line summary."""
+    from training.backbone_io import backbone_state_dict
+
+    state, found = backbone_state_dict(path)
+    if found != depth:
+        raise UserError(f"{path} holds a ResNet-{found} backbone; this run builds ResNet-{depth} (--preset / --set)")
+    missing, unexpected = model.encoder_q.backbone.load_state_dict(state, strict=False)
+    left_out = [key for key in missing if not key.endswith("num_batches_tracked")]
+    if left_out or unexpected:
+        raise UserError(f"{path}: backbone does not fit the DenseCL encoder ({(left_out + unexpected)[:3]})")
+    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    return f"initialised both encoders' ResNet-{depth} ({len(state)} tensors) from {path}"
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
     from training.engine.distributed import is_main_process
     from training.engine.trainer import RunPaths, requested_state
 
     run = RunPaths(args.out)
     state = requested_state(run, args.resume)
-    model_path = train_densecl(args.images, run, pretrain_config(args, state), state, progress=not args.no_progress)
+    if args.init is not None and state is not None:
+        raise UserError("--init starts a new run; a resumed run continues from its own checkpoint")
+    config = pretrain_config(args, state)
+    model_path = train_densecl(args.images, run, config, state, progress=not args.no_progress, init=args.init)
     if is_main_process():
         print(f"model: {model_path} (export the backbone with `freesolo export-backbone`)")
     return 0

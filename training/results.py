@@ -37,7 +37,8 @@ def original_size_resizer(mask_size: int, resized: int, original: int) -> np.nda
 
 
 def masks_to_original(masks: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
-    """Binary stride-4 masks [K, h, w] -> binary masks [K, H0, W0] at the original image size."""
+    """Stride-4 masks [K, h, w], binary (the graph contract) or probabilities (``resize_soft_masks``) -> binary
+    masks [K, H0, W0] at the original image size."""
     _, height, width = masks.shape
     resize_y = original_size_resizer(height, geometry.resized_height, geometry.original_height)
     resize_x = original_size_resizer(width, geometry.resized_width, geometry.original_width)

@@ -70,7 +70,10 @@ def train_solo(
 ) -> Path:
     """Train (or resume, when ``state`` is a checkpoint) one SOLOv2 run; returns RUN/model.pt."""
     say = print if is_main_process() else (lambda *_: None)
-    policy = ResizePolicy(tuple(config.input.train_sizes), config.input.max_size, config.input.hflip)
+    sizes = config.input
+    policy = ResizePolicy(
+        tuple(sizes.train_sizes), sizes.max_size, sizes.hflip, sizes.resize_filter, sizes.resize_rounding
+    )
     dataset = CocoInstances(images, ann, policy, class_agnostic or mode == "weak")
     config, train_set, loss_fn, collate_fn = build_training(config, mode, dataset)
     torch.manual_seed(config.seed)  # the initial weights, so a run is reproducible from its command line

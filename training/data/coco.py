@@ -26,11 +26,14 @@ from training.geometry import ImageGeometry, fit_within, resized_shape
 @dataclass(frozen=True)
 class ResizePolicy:
     """Shorter side to one of ``sizes`` (chosen at random when training), longer side at most ``max_size``; with a
-    ``canvas`` (a fixed-size graph's H x W, at test time), then fitted into it (``training.geometry``)."""
+    ``canvas`` (a fixed-size graph's H x W, at test time), then fitted into it; ``resize_filter`` and
+    ``resize_rounding`` as in ``InputConfig`` (``training.geometry``)."""
 
     sizes: tuple[int, ...]
     max_size: int
     hflip: bool = False
+    resize_filter: str = "antialias"
+    resize_rounding: str = "half_even"
     canvas: tuple[int, int] | None = None
 
 
@@ -234,10 +237,10 @@ def transform_sample(
     short_side = policy.sizes[0]
     if generator is not None and len(policy.sizes) > 1:
         short_side = policy.sizes[int(torch.randint(len(policy.sizes), (1,), generator=generator))]
-    size = resized_shape(height, width, short_side, policy.max_size)
+    size = resized_shape(height, width, short_side, policy.max_size, policy.resize_rounding)
     if policy.canvas is not None:
         size = fit_within(*size, *policy.canvas)
-    image, masks = resize_image(image, size), resize_masks(masks, size)
+    image, masks = resize_image(image, size, policy.resize_filter), resize_masks(masks, size)
     if generator is not None and policy.hflip and torch.rand((), generator=generator) < 0.5:
         image, masks = hflip(image, masks)
     return Sample(image, masks, labels, image_id, ImageGeometry(height, width, size[0], size[1]))

@@ -15,12 +15,13 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of a [3, H, W] uint8 image: ``training.geometry.resize_rgb``, the one image
-    resize of every runtime (served inputs equal PyTorch's to the pixel)."""
+def resize_image(image: torch.Tensor, size: tuple[int, int], resize_filter: str = "antialias") -> torch.Tensor:
+    """Resize of a [3, H, W] uint8 image: ``training.geometry.resize_rgb``, the one image resize of every runtime
+    (served inputs equal PyTorch's to the pixel), with the policy's filter (``InputConfig.resize_filter``)."""
     if tuple(image.shape[-2:]) == size:
         return image
-    return torch.from_numpy(resize_rgb(image.permute(1, 2, 0).numpy(), size)).permute(2, 0, 1).contiguous()
+    resized = resize_rgb(image.permute(1, 2, 0).numpy(), size, resize_filter)
+    return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).contiguous()
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -24,8 +24,10 @@ from training.ops.matrix_nms import MaskNms
 
 class Detections(NamedTuple):
     """Fixed-K detections of a batch: the five graph-contract outputs, then ``cells``, which grid cell (index over
-    all levels, in ``flatten_levels`` order) produced each detection. ``cells`` stays in PyTorch (self-training
-    reads the teacher's embeddings there); the exported graph returns only the contract."""
+    all levels, in ``flatten_levels`` order) produced each detection, and ``soft_masks``, the probabilities the
+    binary masks were thresholded from. Those two stay in PyTorch (self-training reads the teacher's embeddings
+    at ``cells``; ``InferenceConfig.resize_soft_masks`` resizes ``soft_masks``); the exported graph returns only
+    the contract."""
 
     num_dets: torch.Tensor  # int32 [B]
     scores: torch.Tensor  # float32 [B, K]
@@ -33,6 +35,7 @@ class Detections(NamedTuple):
     boxes: torch.Tensor  # float32 [B, K, 4] x1, y1, x2, y2 in input pixels
     masks: torch.Tensor  # uint8 [B, K, H/4, W/4]
     cells: torch.Tensor  # int64 [B, K]
+    soft_masks: torch.Tensor  # float32 [B, K, H/4, W/4]: the masks' probabilities (PyTorch only, like cells)
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:
@@ -124,6 +127,8 @@ def postprocess(
     final_cells = torch.where(present, gather_rows(cells, final_order), torch.zeros_like(final_order))
 
     pad = config.max_per_img - top
+    final_soft = gather_rows(soft_masks, gather_rows(order, final_order)).view(batch, top, height, width)
+    final_soft = final_soft * present.view(batch, top, 1, 1).to(final_soft.dtype)
     return Detections(
         num_dets=num_dets.to(torch.int32),
         scores=F.pad(final_scores, (0, pad)),
@@ -131,6 +136,7 @@ def postprocess(
         boxes=F.pad(boxes_from_masks(final_masks), (0, 0, 0, pad)),
         masks=F.pad(final_masks, (0, 0, 0, 0, 0, pad)).to(torch.uint8),
         cells=F.pad(final_cells, (0, pad)),
+        soft_masks=F.pad(final_soft, (0, 0, 0, 0, 0, pad)),
     )
 
 

@@ -23,6 +23,13 @@ class SOLOv2Output(NamedTuple):
     embeddings: tuple[torch.Tensor, ...] = ()  # per level [B, embedding_dim, S, S]; empty without an embedding head
 
 
+def inside_images(sizes: torch.Tensor, padded: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """[B, 1, H, W] bool: True where a pixel belongs to its image, False in the padding."""
+    rows = torch.arange(padded[0], device=sizes.device).view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)
+    cols = torch.arange(padded[1], device=sizes.device).view(1, 1, -1) < sizes[:, 1].view(-1, 1, 1)
+    return (rows & cols).unsqueeze(1)
+
+
 class SOLOv2(nn.Module):
     """ResNet-FPN backbone + instance head + unified mask-feature branch."""
 
@@ -47,7 +54,11 @@ class SOLOv2(nn.Module):
         """uint8 (or 0-255 float) RGB -> zero-mean, unit-variance float."""
         return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
-    def forward(self, images: torch.Tensor) -> SOLOv2Output:
-        pyramid = self.backbone(self.normalize(images))
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> SOLOv2Output:
+        """``sizes`` [B, 2] (height, width of each image before padding) matter only with ``pad_normalized``."""
+        normalized = self.normalize(images)
+        if self.config.pad_normalized and sizes is not None:
+            normalized = normalized * inside_images(sizes, normalized.shape[-2:]).to(normalized.dtype)
+        pyramid = self.backbone(normalized)
         cate_logits, kernels, embeddings = self.head(pyramid)
         return SOLOv2Output(cate_logits, kernels, self.mask_branch(pyramid[:4]), tuple(embeddings))
