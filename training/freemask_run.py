@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from training.backbone_io import load_backbone
 from training.coarse_json import annotation, image_record, merge
@@ -29,6 +28,7 @@ from training.errors import UserError
 from training.fileio import atomic_write_text
 from training.freemask import backbone_stride, c5_features, coarse_masks
 from training.geometry import padded_shape, resized_shape
+from training.progress import progress as progress_bar
 
 
 def parts_dir(out: Path) -> Path:
@@ -103,7 +103,7 @@ def run_freemask(
     part_file = folder / f"rank{context.rank}.jsonl"
     drop_partial_line(part_file)
     with part_file.open("a") as part, torch.inference_mode():
-        bar = tqdm(total=len(mine), desc="freemask", unit="img", disable=not (progress and context.is_main))
+        bar = progress_bar(len(mine), "freemask", "img", progress and context.is_main)
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             images = [to_tensor_image(read_rgb(files[index])) for index in indices]

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from training.checkpoint import model_from_checkpoint
 from training.config import Config
@@ -17,6 +16,7 @@ from training.data.coco import ResizePolicy
 from training.geometry import padded_shape, same_canvas_batches
 from training.models import SOLOv2
 from training.models.postprocess import Detections, cell_embeddings, postprocess
+from training.progress import progress as progress_bar
 from training.results import image_results
 
 
@@ -116,7 +116,7 @@ class Predictor:
         with_embeddings: bool = False,
     ) -> Iterator[tuple[Batch, list[list[dict[str, Any]]]]]:
         """Batches of a dataset with their results, with a progress bar."""
-        with tqdm(total=len(dataset), desc=desc, unit="image", disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(len(dataset), desc, "image", progress) as bar:
             for batch in self.loader(dataset, batch_size):
                 yield batch, self.batch_results(batch, with_embeddings)
                 bar.update(len(batch.image_ids))

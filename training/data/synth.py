@@ -12,11 +12,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_util
 from scipy import ndimage
-from tqdm import tqdm
-
 from training.data.textures import background, lighting, object_fill
 from training.errors import UserError
 from training.fileio import atomic_write_text
+from training.progress import progress as progress_bar
 
 CATEGORIES: list[str] = ["ellipse", "rectangle", "triangle", "polygon", "star", "blob"]
 
@@ -228,7 +227,8 @@ def _write_split(out_dir: Path, split: str, count: int, size: int, seed: int, pr
     folder.mkdir(parents=True, exist_ok=True)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for index in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=not progress):
+    bar = progress_bar(count, f"synthetic {split}", "img", progress)
+    for index in range(count):
         pixels, objects = render_scene(np.random.default_rng([seed, _SPLIT_IDS[split], index]), size)
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels).save(folder / file_name, compress_level=1)  # 4x faster than the default, 15% larger
@@ -236,6 +236,8 @@ def _write_split(out_dir: Path, split: str, count: int, size: int, seed: int, pr
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for category_id, mask in objects:
             annotations.append(_annotation(len(annotations) + 1, image_id, category_id, mask))
+        bar.update(1)
+    bar.close()
     info = {"description": "synthetic shapes", "generator": __name__, "seed": seed, "size": size, "split": split}
     categories = [{"id": i, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES, start=1)]
     document = {"info": info, "images": images, "annotations": annotations, "categories": categories}

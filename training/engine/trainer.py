@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
 from training.config import Config, SolverConfig, save_config
@@ -28,6 +27,7 @@ from training.engine.sampler import TrainBatchSampler
 from training.engine.schedule import learning_rate
 from training.errors import UserError
 from training.fileio import remove_stale_temporaries
+from training.progress import progress as progress_bar
 
 LossFunction = Callable[[nn.Module, Any, int], dict[str, torch.Tensor]]  # (network, batch, iteration)
 
@@ -153,14 +153,7 @@ def train_loop(
             )
             plot_losses(run.log, run.curve, f"{config.preset} - {run.root.name}")
 
-    bar = tqdm(
-        total=solver.iters,
-        initial=start_iter,
-        desc="train",
-        unit="it",
-        dynamic_ncols=True,
-        disable=not (progress and context.is_main),
-    )
+    bar = progress_bar(solver.iters, "train", "it", progress and context.is_main, initial=start_iter)
     started = time.perf_counter()
     for iteration, batch in enumerate(loader, start=start_iter):
         lr = learning_rate(iteration, solver, solver.iters)
