@@ -109,9 +109,9 @@ class Bf16Network(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> SOLOv2Output:
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> SOLOv2Output:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = self.model(images)
+            output = self.model(images, sizes)
         return SOLOv2Output(
             *(
                 field.float() if isinstance(field, torch.Tensor) else type(field)(t.float() for t in field)
