@@ -67,7 +67,7 @@ def senders(url: str, good_jpeg: bytes) -> dict[str, Send]:
     client = grpc.InferenceServerClient(url)
     config = client.get_model_config(POSTPROCESS, as_json=True)["config"]
     masks = next([int(d) for d in item["dims"]] for item in config["input"] if item["name"] == "raw_masks")
-    k = masks[0]
+    k, masks = masks[0], [d if d > 0 else 32 for d in masks]  # a dynamic model's -1: the masks of a 128 px canvas
 
     def ensemble(data: bytes) -> Send:
         return lambda: client.infer(ENSEMBLE, [tensor(grpc, INPUT, encoded(data), "BYTES")], client_timeout=60)
