@@ -19,7 +19,6 @@ Torch-free (numpy only): the serving side imports it too. ``ImageGeometry`` reco
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -60,7 +59,9 @@ def fit_within(height: int, width: int, max_height: int, max_width: int) -> tupl
 
 
 def round_up(value: int, divisor: int = SIZE_DIVISOR) -> int:
-    return math.ceil(value / divisor) * divisor
+    """The smallest multiple of ``divisor`` >= ``value``. Integer arithmetic only, so that it also computes a
+    symbolic size while a graph is exported (the padded size of ``SOLOv2.forward``)."""
+    return (value + divisor - 1) // divisor * divisor
 
 
 def padded_shape(sizes: list[tuple[int, int]], divisor: int = SIZE_DIVISOR) -> tuple[int, int]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.config import ModelConfig
+from training.geometry import round_up
 from training.models.backbone import ResNetFPN
 from training.models.heads import InstanceHead, MaskFeatureBranch
 
@@ -20,6 +22,15 @@ class SOLOv2Output(NamedTuple):
     kernels: list[torch.Tensor]  # per level [B, E, S, S] (1x1 dynamic kernels)
     mask_features: torch.Tensor  # [B, E, H/4, W/4]
     embeddings: tuple[torch.Tensor, ...] = ()  # per level [B, embedding_dim, S, S]; empty without an embedding head
+
+
+def pad_to_divisor(images: torch.Tensor) -> torch.Tensor:
+    """Zeros bottom/right up to the next multiples of ``SIZE_DIVISOR`` (``training.geometry.round_up``), as every
+    caller pads its images: the FPN and the mask branch add features of neighbouring strides, which line up only on
+    such sizes. A no-op on inputs already padded, so it changes nothing for them; it makes any H x W valid, in
+    PyTorch and in an exported graph alike (where the pad amounts are computed from the input's shape)."""
+    height, width = images.shape[-2:]
+    return F.pad(images, (0, round_up(width) - width, 0, round_up(height) - height))
 
 
 class SOLOv2(nn.Module):
@@ -47,6 +58,7 @@ class SOLOv2(nn.Module):
         return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
     def forward(self, images: torch.Tensor) -> SOLOv2Output:
-        pyramid = self.backbone(self.normalize(images))
+        """Images of any H x W; masks come back at the padded size / 4 (``pad_to_divisor``)."""
+        pyramid = self.backbone(self.normalize(pad_to_divisor(images)))
         cate_logits, kernels, embeddings = self.head(pyramid)
         return SOLOv2Output(cate_logits, kernels, self.mask_branch(pyramid[:4]), tuple(embeddings))
