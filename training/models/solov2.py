@@ -1,15 +1,16 @@
-"""The SOLOv2 network: uint8 images in, raw head tensors out (normalisation happens inside, as in the graph
-contract of DESIGN.md). Targets/losses live in ``targets.py``/``losses.py``; post-processing in ``postprocess.py``."""
+"""The SOLOv2 network: uint8 images of any size in, raw head tensors out (padding and normalisation happen inside, as
+in the graph contract of DESIGN.md). Targets/losses live in ``targets.py``/``losses.py``; post-processing in
+``postprocess.py``."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.config import ModelConfig
+from training.data.batching import pad_to
 from training.geometry import round_up
 from training.models.backbone import ResNetFPN
 from training.models.heads import InstanceHead, MaskFeatureBranch
@@ -20,7 +21,7 @@ class SOLOv2Output(NamedTuple):
 
     cate_logits: list[torch.Tensor]  # per level [B, C, S, S]
     kernels: list[torch.Tensor]  # per level [B, E, S, S] (1x1 dynamic kernels)
-    mask_features: torch.Tensor  # [B, E, H/4, W/4]
+    mask_features: torch.Tensor  # [B, E, Hp/4, Wp/4], Hp x Wp the padded input size (pad_to_divisor)
     embeddings: tuple[torch.Tensor, ...] = ()  # per level [B, embedding_dim, S, S]; empty without an embedding head
 
 
@@ -29,8 +30,7 @@ def pad_to_divisor(images: torch.Tensor) -> torch.Tensor:
     caller pads its images: the FPN and the mask branch add features of neighbouring strides, which line up only on
     such sizes. A no-op on inputs already padded, so it changes nothing for them; it makes any H x W valid, in
     PyTorch and in an exported graph alike (where the pad amounts are computed from the input's shape)."""
-    height, width = images.shape[-2:]
-    return F.pad(images, (0, round_up(width) - width, 0, round_up(height) - height))
+    return pad_to(images, (round_up(images.shape[-2]), round_up(images.shape[-1])))
 
 
 class SOLOv2(nn.Module):
