@@ -7,7 +7,9 @@ One policy, three steps (docs/architecture.md, "One image, end to end"):
 2. a fixed-size graph (``InputPolicy.dynamic`` False) scales that down until it fits its ``height`` x ``width``
    (``fit_within``); a dynamic graph, PyTorch and training keep it;
 3. padding bottom/right with zeros to the canvas: the fixed graph's ``height`` x ``width``, or the next multiples of
-   ``SIZE_DIVISOR`` (``padded_shape``).
+   ``SIZE_DIVISOR`` (``padded_shape``). The network pads to those multiples itself as well (``round_up`` in
+   ``SOLOv2.forward``, inside exported graphs too), so any H x W is a valid input; its masks then cover the padded
+   size.
 
 Padding is part of the prediction, not a detail: GroupNorm statistics and the SOLO grids cover the whole canvas, so
 an image padded to a larger canvas gets different detections. Every entry point (``freesolo predict``, evaluation,
@@ -27,7 +29,7 @@ import numpy as np
 
 from training.errors import UserError
 
-SIZE_DIVISOR = 32  # every network input side is a multiple of this (the coarsest FPN stride)
+SIZE_DIVISOR = 32  # the network pads every input side to a multiple of this (the coarsest FPN stride)
 MASK_STRIDE = 4  # the mask features' and the graph contract's masks' stride
 T = TypeVar("T")
 
