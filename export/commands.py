@@ -9,9 +9,10 @@ from training.cli_args import Subcommands
 
 ONNX_DESCRIPTION = """\
 Export a SOLOv2 checkpoint as one ONNX graph of the graph contract (docs/architecture.md):
-  input   images    uint8 [B, 3, H, W] RGB, H and W multiples of 32 (normalisation is inside)
+  input   images    uint8 [B, 3, H, W] RGB (normalisation and padding to multiples of 32 are inside)
   outputs num_dets  int32 [B]; scores float32 [B, K]; labels int32 [B, K];
-          boxes float32 [B, K, 4] (x1, y1, x2, y2); masks uint8 [B, K, H/4, W/4]   (K = max_per_img)
+          boxes float32 [B, K, 4] (x1, y1, x2, y2); masks uint8 [B, K, Hp/4, Wp/4]   (K = max_per_img;
+          Hp, Wp: H and W rounded up to multiples of 32)
 Matrix NMS is one freesolo::MatrixNMS node whose body of standard ops is in the file, so ONNX Runtime runs the
 model without any custom-op library. Batch is always dynamic; H and W are fixed (--height/--width, default the
 preset's test size) unless --dynamic. Thresholds, K, class names and the input-size policy are in the metadata.
@@ -44,7 +45,7 @@ def _register_onnx(formats: Subcommands) -> None:
     weights.add_argument("--checkpoint", type=Path, metavar="CKPT", help="a SOLOv2 checkpoint (model.pt)")
     weights.add_argument("--preset", metavar="NAME", help="random weights of a preset (tiny, r50, r101), for speed")
     onnx.add_argument("--out", type=Path, required=True, metavar="model.onnx", help="output file")
-    onnx.add_argument("--dynamic", action="store_true", help="dynamic H and W (multiples of 32) as well as batch")
+    onnx.add_argument("--dynamic", action="store_true", help="dynamic H and W (any size) as well as batch")
     onnx.add_argument("--height", type=int, metavar="H", help="input height, a multiple of 32 (default: preset)")
     onnx.add_argument("--width", type=int, metavar="W", help="input width, a multiple of 32 (default: preset)")
     onnx.add_argument(

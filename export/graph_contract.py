@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 INPUT_NAME = "images"
-INPUT_DTYPE = "uint8"  # [B, 3, H, W] RGB, H and W multiples of training.geometry.SIZE_DIVISOR; normalised inside
+INPUT_DTYPE = "uint8"  # [B, 3, H, W] RGB, normalised inside; a fixed-size graph takes its H x W only, a dynamic one
+# any H x W, padded bottom/right with zeros inside the graph to Hp x Wp, the next multiples of
+# training.geometry.SIZE_DIVISOR (what every entry point here pads to before calling anyway).
 
 
 class OutputSpec(NamedTuple):
-    """One output: its name, numpy dtype name and symbolic shape (B batch, K max_per_img, H/W input size)."""
+    """One output: its name, numpy dtype name and symbolic shape (B batch, K max_per_img, Hp/Wp the padded input
+    size: H and W rounded up to multiples of SIZE_DIVISOR, so masks are [B, K, ceil(H/32)*8, ceil(W/32)*8])."""
 
     name: str
     dtype: str
@@ -25,7 +28,7 @@ OUTPUTS = (
     OutputSpec("scores", "float32", ("B", "K")),
     OutputSpec("labels", "int32", ("B", "K")),
     OutputSpec("boxes", "float32", ("B", "K", "4")),  # x1, y1, x2, y2 in input pixels
-    OutputSpec("masks", "uint8", ("B", "K", "H/4", "W/4")),  # binary, stride 4
+    OutputSpec("masks", "uint8", ("B", "K", "Hp/4", "Wp/4")),  # binary, stride 4, over the padded input
 )
 OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)
 

@@ -105,12 +105,12 @@ def choose_input_size(config: Config, height: int | None, width: int | None, dyn
 
 
 def dynamic_shapes(size: InputSize) -> tuple[dict[int, Any]]:
-    """Batch always dynamic; H and W as multiples of 32 when ``size.dynamic`` (a derived dim keeps the constraint)."""
+    """Batch always dynamic; H and W too when ``size.dynamic``, any size up to ``MAX_DYNAMIC_SIDE`` (the model pads
+    to multiples of ``SIZE_DIVISOR`` itself: ``training.models.solov2.pad_to_divisor``)."""
     shapes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=1024)}
     if size.dynamic:
-        top = MAX_DYNAMIC_SIDE // SIZE_DIVISOR
-        shapes[2] = SIZE_DIVISOR * torch.export.Dim("height_blocks", min=1, max=top)
-        shapes[3] = SIZE_DIVISOR * torch.export.Dim("width_blocks", min=1, max=top)
+        shapes[2] = torch.export.Dim("height", min=1, max=MAX_DYNAMIC_SIDE)
+        shapes[3] = torch.export.Dim("width", min=1, max=MAX_DYNAMIC_SIDE)
     return (shapes,)
 
 

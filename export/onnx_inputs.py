@@ -41,6 +41,21 @@ def calibration_images(folder: Path, count: int, policy: InputPolicy) -> list[np
     return [prepare_image(read_rgb(files[i]), policy)[0][None] for i in picks]
 
 
+def check_images(images: np.ndarray, policy: InputPolicy) -> None:
+    """One clear error line for an input the graph cannot take (ONNX Runtime's own is a multi-line traceback): the
+    contract's uint8 [B, 3, H, W], at its fixed H x W for a fixed-size graph; a dynamic graph takes any H x W."""
+    size_ok = policy.dynamic or images.shape[2:] == (policy.height, policy.width)
+    if images.dtype == np.uint8 and images.ndim == 4 and images.shape[1] == 3 and size_ok:
+        return
+    if policy.dynamic:
+        raise UserError(f"the model takes uint8 images [B, 3, H, W], got {images.dtype} {list(images.shape)}")
+    raise UserError(
+        f"the model was exported at a fixed {policy.height} x {policy.width}: it takes uint8 images "
+        f"[B, 3, {policy.height}, {policy.width}], got {images.dtype} {list(images.shape)} (fit and pad images with "
+        "training.geometry.prepare_image, or export with --dynamic for any size)"
+    )
+
+
 class OnnxModel:
     """An exported model in an ONNX Runtime session, with its input policy and category ids."""
 
@@ -52,6 +67,7 @@ class OnnxModel:
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [B, 3, H, W] -> the contract outputs by name."""
+        check_images(images, self.policy)
         return dict(zip(OUTPUT_NAMES, self.session.run(None, {INPUT_NAME: images}), strict=True))
 
     def results(self, images: Sequence[tuple[Any, Path]], batch_size: int = 8) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import onnx
 from export.graph_contract import INPUT_NAME
 from training.errors import UserError
 from training.fileio import atomic_write
-from training.geometry import SIZE_DIVISOR
+from training.geometry import SIZE_DIVISOR, round_up
 from triton_plugins.matrix_nms import (
     LIBRARY_NAME,
     ONNX_DOMAIN,
@@ -143,14 +143,12 @@ def input_dims(model: onnx.ModelProto) -> list[int | None]:
 
 def default_sizes(metadata: dict[str, str]) -> tuple[tuple[int, int], ...]:
     """Min / opt / max H x W for a dynamic model: one size-divisor block, the preset's test size, its max size
-    (rounded up to multiples of 32, square so both orientations fit)."""
+    (rounded up to multiples of 32, square so both orientations fit). The graph itself takes any H x W (it pads
+    inside); the profile keeps to the canvases every caller here sends, multiples of 32."""
     size = json.loads(metadata.get("freesolo.input_size", "{}"))
     divisor = int(size.get("size_divisor", SIZE_DIVISOR))
-
-    def up(value: int) -> int:
-        return -(-int(value) // divisor) * divisor
-
-    test, top = up(size.get("test_size", 800)), up(size.get("max_size", 1333))
+    test = round_up(int(size.get("test_size", 800)), divisor)
+    top = round_up(int(size.get("max_size", 1333)), divisor)
     return (divisor, divisor), (test, test), (top, top)
 
 

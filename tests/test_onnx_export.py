@@ -20,6 +20,7 @@ import torch
 
 from export.graph_contract import INPUT_NAME, METADATA_KEYS, OUTPUT_NAMES
 from export.onnx_export import choose_input_size, default_input_size
+from export.onnx_inputs import OnnxModel
 from export.parity import Tolerance, compare_outputs, summary
 from training.cli import main
 from training.config import load_preset
@@ -27,7 +28,7 @@ from training.data.batching import pad_to
 from training.data.images import read_rgb
 from training.data.transforms import resize_image, to_tensor_image
 from training.errors import UserError
-from training.geometry import fit_within, resized_shape
+from training.geometry import MASK_STRIDE, fit_within, resized_shape, round_up
 from training.inference import Predictor
 
 SIZES = [(128, 128), (160, 192)]
@@ -146,6 +147,40 @@ def test_dynamic_graph_is_right_beyond_the_example_size(
     assert expected["boxes"][..., 2:].max() > 128  # objects beyond the traced size
     results = compare_outputs(expected, run_onnx(session, images))
     assert all(r.ok for r in results), summary(results)
+
+
+@pytest.mark.parametrize("size", [(97, 211), (300, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_any_input_size_is_padded_inside_pytorch_and_the_graph_alike(
+    size: tuple[int, int], session: ort.InferenceSession, predictor: Predictor, pictures: list[np.ndarray]
+) -> None:
+    """H and W need not be multiples of 32: the model pads bottom/right with zeros itself, exactly as a caller
+    would, and masks come back at the padded size / 4 (the graph contract)."""
+    images = torch.stack([resize_image(to_tensor_image(p), size) for p in pictures[-2:]])
+    expected = run_torch(predictor, images)
+    got = run_onnx(session, images)
+    assert expected["num_dets"].min() > 0  # something to compare
+    results = compare_outputs(expected, got)
+    assert all(r.ok for r in results), summary(results)
+    masks = (2, 100, round_up(size[0]) // MASK_STRIDE, round_up(size[1]) // MASK_STRIDE)
+    assert expected["masks"].shape == got["masks"].shape == masks
+    padded = pad_to(images, (round_up(size[0]), round_up(size[1])))
+    exact = Tolerance(num_dets=0, unmatched=0, mask_iou=1.0, score=0.0, box=0.0)
+    for runtime, outputs in ((lambda x: run_torch(predictor, x), expected), (lambda x: run_onnx(session, x), got)):
+        results = compare_outputs(runtime(padded), outputs, exact)
+        assert all(r.ok for r in results), summary(results)
+
+
+@pytest.mark.parametrize("fixture", ["fixed_onnx", "dynamic_onnx"])
+def test_an_input_the_graph_cannot_take_is_one_clear_error(fixture: str, request: pytest.FixtureRequest) -> None:
+    model = OnnxModel(request.getfixturevalue(fixture))
+    wrong, message = (
+        (np.zeros((1, 3, 97, 211), np.uint8), r"exported at a fixed 128 x 128: .* got uint8 \[1, 3, 97, 211\]")
+        if fixture == "fixed_onnx"
+        else (np.zeros((1, 3, 97, 211), np.float32), r"takes uint8 images \[B, 3, H, W\], got float32")
+    )
+    with pytest.raises(UserError, match=message) as error:
+        model.run(wrong)
+    assert len(str(error.value).splitlines()) == 1
 
 
 def test_black_images_give_no_detections(fixed_onnx: Path) -> None:

@@ -7,7 +7,9 @@ One policy, three steps (docs/architecture.md, "One image, end to end"):
 2. a fixed-size graph (``InputPolicy.dynamic`` False) scales that down until it fits its ``height`` x ``width``
    (``fit_within``); a dynamic graph, PyTorch and training keep it;
 3. padding bottom/right with zeros to the canvas: the fixed graph's ``height`` x ``width``, or the next multiples of
-   ``SIZE_DIVISOR`` (``padded_shape``).
+   ``SIZE_DIVISOR`` (``padded_shape``). The network pads to those multiples itself as well (``round_up`` in
+   ``SOLOv2.forward``, inside exported graphs too), so any H x W is a valid input; its masks then cover the padded
+   size.
 
 Padding is part of the prediction, not a detail: GroupNorm statistics and the SOLO grids cover the whole canvas, so
 an image padded to a larger canvas gets different detections. Every entry point (``freesolo predict``, evaluation,
@@ -19,7 +21,6 @@ Torch-free (numpy only): the serving side imports it too. ``ImageGeometry`` reco
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -30,7 +31,7 @@ from PIL import Image
 from training.data.opencv_resize import opencv_bilinear
 from training.errors import UserError
 
-SIZE_DIVISOR = 32  # every network input side is a multiple of this (the coarsest FPN stride)
+SIZE_DIVISOR = 32  # the network pads every input side to a multiple of this (the coarsest FPN stride)
 MASK_STRIDE = 4  # the mask features' and the graph contract's masks' stride
 T = TypeVar("T")
 # How a policy may resize: the pixel filter and the rounding of the resized size. The defaults are this project's;
@@ -80,7 +81,9 @@ def fit_within(height: int, width: int, max_height: int, max_width: int) -> tupl
 
 
 def round_up(value: int, divisor: int = SIZE_DIVISOR) -> int:
-    return math.ceil(value / divisor) * divisor
+    """The smallest multiple of ``divisor`` >= ``value``. Integer arithmetic only, so that it also computes a
+    symbolic size while a graph is exported (the padded size of ``SOLOv2.forward``)."""
+    return (value + divisor - 1) // divisor * divisor
 
 
 def padded_shape(sizes: list[tuple[int, int]], divisor: int = SIZE_DIVISOR) -> tuple[int, int]:

@@ -63,9 +63,9 @@ class Predictor:
     def detections(
         self, images: torch.Tensor, with_embeddings: bool = False, sizes: torch.Tensor | None = None
     ) -> tuple[Detections, torch.Tensor | None]:
-        """uint8 [B, 3, H, W] (H, W multiples of 32) -> fixed-K detections, and, when asked and the model has an
-        embedding head, each detection's embedding [B, K, D] (self-training's targets). ``sizes`` [B, 2], each
-        image's size before padding, lets a ``pad_normalized`` model pad as upstream does."""
+        """uint8 [B, 3, H, W] (any H x W; masks at the padded size / 4) -> fixed-K detections, and, when asked and
+        the model has an embedding head, each detection's embedding [B, K, D] (self-training's targets). ``sizes``
+        [B, 2], each image's size before padding, lets a ``pad_normalized`` model pad as upstream does."""
         output = self.model(images, sizes)
         dets = postprocess(output, self.config.inference, self.config.model.strides)
         embeddings = cell_embeddings(output, dets.cells) if with_embeddings and output.embeddings else None
