@@ -98,4 +98,4 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
     if image.mode in SIXTEEN_BIT_MODES:
         grey = (np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # convert would copy an RGB image
