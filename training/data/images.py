@@ -16,10 +16,10 @@ def read_rgb(path: Path) -> np.ndarray:
     """[H, W, 3] uint8 RGB by the one decoder (``training.data.decode``, the server's too) under ``FILE_LIMITS``; a
     missing, oversized or unreadable file raises UserError naming it."""
     try:
-        size = Path(path).stat().st_size
-        if size > FILE_LIMITS.max_bytes:
+        size = path.stat().st_size
+        if size > FILE_LIMITS.max_bytes:  # before reading it into memory
             raise ImageError(f"{size} bytes, more than the limit of {FILE_LIMITS.max_bytes}")
-        return decode_rgb(Path(path).read_bytes(), FILE_LIMITS)
+        return decode_rgb(path.read_bytes(), FILE_LIMITS)
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except IsADirectoryError:
