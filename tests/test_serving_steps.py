@@ -91,9 +91,8 @@ def test_16bit_png_keeps_its_high_byte_in_serving_and_predict(tmp_path: Path) ->
     rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 40_000)], axis=-1)
     for samples in (ramp, rgb):
         data = png_16bit(samples)
-        expected = np.broadcast_to(
-            (samples >> 8).astype(np.uint8)[..., None] if samples.ndim == 2 else samples >> 8, (48, 64, 3)
-        )
+        high = (samples >> 8).astype(np.uint8)
+        expected = high if high.ndim == 3 else np.repeat(high[..., None], 3, axis=2)
         served = decode_image(data)
         (tmp_path / "deep.png").write_bytes(data)
         assert np.array_equal(served, expected) and np.array_equal(read_rgb(tmp_path / "deep.png"), expected)
