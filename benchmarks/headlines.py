@@ -34,6 +34,17 @@ def latency_rows(report: dict[str, Any]) -> Rows:
     return rows
 
 
+def imaging_rows(report: dict[str, Any]) -> Rows:
+    image, medians = report["image"], report["median_ms"]
+    return [
+        (
+            f"decode + test resize of a {image['megapixels']:g}-megapixel JPEG, project vs Pillow",
+            f"{report['ratio_to_pillow']['project']:.2f}x Pillow's time ({medians['project']:.0f} vs "
+            f"{medians['pillow']:.0f} ms median)",
+        )
+    ]
+
+
 def serving_rows(report: dict[str, Any]) -> Rows:
     return [
         (
@@ -119,6 +130,7 @@ def training_reliability_rows(report: dict[str, Any]) -> Rows:
 
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], Rows]] = {
     "latency": latency_rows,
+    "imaging": imaging_rows,
     "serving": serving_rows,
     "sweep": sweep_rows,
     "serving_reliability": serving_reliability_rows,

@@ -36,6 +36,7 @@ class Part:
 
 PARTS = (
     Part("latency", "benchmarks.latency", "Latency and throughput: PyTorch eager, ONNX Runtime fp32/int8, bf16"),
+    Part("imaging", "benchmarks.imaging", "Decode and resize of a 40-megapixel JPEG against Pillow's"),
     Part("serving", "benchmarks.serving_latency", "Triton gRPC overhead against in-process ONNX Runtime"),
     Part("sweep", "benchmarks.serving_sweep", "Triton gRPC load: concurrency 1..8, shared memory on/off"),
     Part("nms", "benchmarks.nms_study", "Matrix NMS study: time against N, mask AP with each NMS"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pycocotools import mask as mask_utils
 
 from training.data.batching import collate
 from training.data.coco import CocoInstances, ImageFolder, ResizePolicy, validate_coco
+from training.data.images import read_rgb
 from training.errors import UserError
 
 
@@ -87,6 +89,44 @@ def test_image_folder_reads_unlabeled_images(tmp_path: Path) -> None:
     root = write_dataset(tmp_path)
     sample = ImageFolder.from_folder(root / "images", ResizePolicy((30,), 1000))[0]
     assert sample.image.shape == (3, 30, 45) and sample.masks.shape == (0, 30, 45)
+
+
+def gif_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buffer, "GIF")
+    return buffer.getvalue()
+
+
+def test_read_rgb_converts_every_mode_to_8_bit_rgb(tmp_path: Path) -> None:
+    """The one decoder on files: palette, greyscale+alpha, RGBA and CMYK become RGB as PIL converts them; a 16-bit
+    TIFF keeps its high byte (PIL's convert("RGB") would make every value above 255 white)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    picture = Image.fromarray(rgb)
+    for mode, suffix in (("P", "png"), ("LA", "png"), ("RGBA", "webp"), ("CMYK", "tiff"), ("L", "bmp")):
+        converted = picture.convert(mode)
+        converted.save(tmp_path / f"{mode}.{suffix}", **({"lossless": True} if suffix == "webp" else {}))
+        assert np.array_equal(read_rgb(tmp_path / f"{mode}.{suffix}"), np.asarray(converted.convert("RGB"))), mode
+    deep = (np.arange(600, dtype=np.uint16).reshape(20, 30) * 109).astype(np.uint16)  # 0 .. 65291
+    Image.fromarray(deep).save(tmp_path / "deep.tiff")
+    assert np.array_equal(read_rgb(tmp_path / "deep.tiff"), np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, 2))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "image not found"),
+        (b"", "empty image"),
+        (gif_bytes(), "unsupported image format GIF"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(40), "cannot read image"),
+    ],
+)
+def test_read_rgb_errors_name_the_file(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "picture.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as error:
+        read_rgb(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
-"""The python models' logic without a server: guarded decoding, the torch-free test resize (same pixels as torch's),
-original-size detections, and per-request errors (a stand-in for Triton's ``triton_python_backend_utils``)."""
+"""The python models' logic without a server: guarded decoding (the one decoder, shared with ``read_rgb``), the
+torch-free test resize (same pixels as torch's), original-size detections, and per-request errors (a stand-in for
+Triton's ``triton_python_backend_utils``)."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,6 +22,7 @@ from serving.contract import MAX_IMAGE_BYTES
 from serving.detections import OutputError, image_outputs
 from serving.imaging import ImageError, decode_image
 from serving.python_models import RequestError, respond_each
+from training.data.images import read_rgb
 from training.data.transforms import to_tensor_image
 from training.geometry import ImageGeometry, InputPolicy, prepare_image, resize_rgb
 from training.results import masks_to_original
@@ -38,6 +41,21 @@ def png_claiming(width: int, height: int) -> bytes:
     data[start + 4 : start + 12] = struct.pack(">II", width, height)
     data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
     return bytes(data)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_16bit(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB): [H, W] uint16 grey or [H, W, 3] uint16 RGB."""
+    height, width = samples.shape[:2]
+    colour_type = 2 if samples.ndim == 3 else 0
+    rows = samples.astype(">u2").reshape(height, -1).view(np.uint8)
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(scanlines)) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
 
 
 @pytest.mark.parametrize("size", [(128, 128), (85, 128), (200, 300), (13, 7), (600, 517)])
@@ -64,6 +82,40 @@ def test_decode_reads_png_jpeg_and_grey_as_rgb() -> None:
     assert np.array_equal(decode_image(encode(photo)), photo)
     assert decode_image(encode(photo, "JPEG")).shape == photo.shape
     assert decode_image(encode(skimage.data.camera())).shape == (*skimage.data.camera().shape, 3)
+
+
+def test_16bit_png_keeps_its_high_byte_in_serving_and_predict(tmp_path: Path) -> None:
+    """A 16-bit PNG is scaled to 8 bits (value >> 8), not saturated (PIL's convert("RGB") made every value above
+    255 white); greyscale and RGB alike, served bytes and files alike."""
+    ramp = np.linspace(0, 65535, 64 * 48).round().astype(np.uint16).reshape(48, 64)
+    rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 40_000)], axis=-1)
+    for samples in (ramp, rgb):
+        data = png_16bit(samples)
+        high = (samples >> 8).astype(np.uint8)
+        expected = high if high.ndim == 3 else np.repeat(high[..., None], 3, axis=2)
+        served = decode_image(data)
+        (tmp_path / "deep.png").write_bytes(data)
+        assert np.array_equal(served, expected) and np.array_equal(read_rgb(tmp_path / "deep.png"), expected)
+    grey_as_pil_saves_it = io.BytesIO()
+    Image.fromarray(ramp).save(grey_as_pil_saves_it, "PNG")  # PIL's own 16-bit greyscale writer (mode I;16)
+    assert np.array_equal(decode_image(grey_as_pil_saves_it.getvalue())[..., 0], (ramp >> 8).astype(np.uint8))
+
+
+def test_mpo_is_read_as_its_first_frame_by_serving_and_predict(tmp_path: Path) -> None:
+    """An MPO (a camera's JPEG with more frames after it) is a JPEG to both entry points: its first frame."""
+    first, second = skimage.data.astronaut()[:96, :128], 255 - skimage.data.astronaut()[:96, :128]
+    buffer = io.BytesIO()
+    Image.fromarray(first).save(buffer, "MPO", save_all=True, append_images=[Image.fromarray(second)])
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as mpo:
+        assert mpo.format == "MPO" and mpo.n_frames == 2
+    frame = decode_image(data)
+    (tmp_path / "camera.jpg").write_bytes(data)
+    assert np.array_equal(read_rgb(tmp_path / "camera.jpg"), frame)
+    first_jpeg = io.BytesIO()
+    Image.fromarray(first).save(first_jpeg, "JPEG")  # the first frame alone, encoded as the MPO encodes it
+    assert np.array_equal(frame, decode_image(first_jpeg.getvalue()))
+    assert np.abs(frame.astype(int) - first).mean() < np.abs(frame.astype(int) - second).mean() / 10
 
 
 @pytest.mark.parametrize(

@@ -147,25 +147,46 @@ class InputPolicy:
         return padded_shape([(geometry.resized_height, geometry.resized_width)])
 
 
-def resample_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """[out, in] weights of 1-D antialiased bilinear resampling: a triangle filter widened by the downscale factor,
+def resample_weights(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1-D antialiased bilinear resampling as it is stored: output ``i`` reads inputs ``first[i]`` to ``last[i] - 1``
+    with ``weights[i, :last[i] - first[i]]`` (zeros past that). A triangle filter widened by the downscale factor,
     half-pixel centres, weights renormalised at the borders (what torch computes with ``antialias=True``)."""
     scale = in_size / out_size
     support = max(scale, 1.0)  # the triangle's half-width in input pixels
     centres = (np.arange(out_size) + 0.5) * scale
     first = np.maximum((centres - support + 0.5).astype(np.int64), 0)
     last = np.minimum((centres + support + 0.5).astype(np.int64), in_size)
-    columns = np.arange(in_size)
-    inside = (columns[None, :] >= first[:, None]) & (columns[None, :] < last[:, None])
-    weights = np.clip(1.0 - np.abs((columns[None, :] - centres[:, None] + 0.5) / support), 0.0, None) * inside
-    return weights / weights.sum(axis=1, keepdims=True)
+    columns = first[:, None] + np.arange(int((last - first).max()))[None, :]
+    inside = columns < last[:, None]
+    weights = np.clip(1.0 - np.abs((columns - centres[:, None] + 0.5) / support), 0.0, None) * inside
+    return first, last, weights / weights.sum(axis=1, keepdims=True)
+
+
+RESIZE_BLOCK = 8  # outputs per matrix product: small blocks skip most of the zero weights, larger ones call BLAS less
+
+
+def banded_blocks(out_size: int, in_size: int) -> list[tuple[slice, slice, np.ndarray]]:
+    """The resampling as matrix blocks of ``RESIZE_BLOCK`` outputs, each with the input range its weights touch:
+    (outputs, inputs, float32 [outputs, inputs] weights). The triangle is narrow, so a block reads a few input lines,
+    never all of them."""
+    first, last, weights = resample_weights(out_size, in_size)
+    blocks = []
+    for start in range(0, out_size, RESIZE_BLOCK):
+        outputs = slice(start, min(start + RESIZE_BLOCK, out_size))
+        inputs = slice(int(first[outputs].min()), int(last[outputs].max()))
+        block = np.zeros((outputs.stop - start, inputs.stop - inputs.start), dtype=np.float32)
+        rows, taps = np.nonzero(np.arange(weights.shape[1])[None, :] < (last - first)[outputs, None])
+        block[rows, first[start + rows] + taps - inputs.start] = weights[start + rows, taps]
+        blocks.append((outputs, inputs, block))
+    return blocks
 
 
 def resize_rgb(image: np.ndarray, size: tuple[int, int], resize_filter: str = "antialias") -> np.ndarray:
-    """[H, W, 3] uint8 -> [h, w, 3] uint8: the one image resize of every runtime. ``antialias``: bilinear widened
-    by the downscale factor in float32, rounded half to even (what torch computes with ``antialias=True``), one
-    channel at a time, width first, so a large photograph never exists as a full float copy; ``opencv`` / ``pil``:
-    the filters upstream weights were tested with."""
+    """[H, W, 3] uint8 -> [h, w, 3] uint8: the one image resize of every runtime. ``antialias``: bilinear widened by
+    the downscale factor in float32, rounded half to even (what torch computes with ``antialias=True``); rows first,
+    block by block (``banded_blocks``): each block converts only the input rows it reads to float, so a 40-megapixel
+    photograph never exists as a float copy and costs O(H x W) work, not the O(H x W x w) of one dense matrix
+    product. ``opencv`` / ``pil``: the filters upstream weights were tested with."""
     if image.shape[:2] == tuple(size):
         return image
     if resize_filter == "opencv":
@@ -174,13 +195,18 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int], resize_filter: str = "a
         return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BILINEAR))
     if resize_filter != "antialias":
         raise UserError(f"unknown resize filter {resize_filter!r} (known: {', '.join(RESIZE_FILTERS)})")
-    rows = resample_matrix(size[0], image.shape[0]).astype(np.float32)
-    cols_t = resample_matrix(size[1], image.shape[1]).astype(np.float32).T
-    out = np.empty((*size, 3), dtype=np.uint8)
-    for channel in range(3):
-        plane = rows @ (image[:, :, channel].astype(np.float32) @ cols_t)
-        out[:, :, channel] = np.clip(np.rint(plane), 0, 255)
-    return out
+    height, width = image.shape[:2]
+    flat = np.ascontiguousarray(image).reshape(height, width * 3)
+    columns = np.empty((width, 3, size[0]), dtype=np.float32)  # the rows pass's output, ready for the columns pass
+    for outputs, inputs, weights in banded_blocks(size[0], height):
+        block = weights @ flat[inputs].astype(np.float32)
+        columns[:, :, outputs] = block.reshape(-1, width, 3).transpose(1, 2, 0)
+    columns = columns.reshape(width, 3 * size[0])
+    resized = np.empty((size[1], 3 * size[0]), dtype=np.float32)
+    for outputs, inputs, weights in banded_blocks(size[1], width):
+        resized[outputs] = weights @ columns[inputs]
+    resized = resized.reshape(size[1], 3, size[0]).transpose(2, 0, 1)
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
 def prepare_image(image: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, ImageGeometry]:

@@ -5,23 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from training.data.decode import FILE_LIMITS, ImageError, decode_rgb
 from training.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# Decompression-bomb guard: a 100-megapixel ceiling is far above any photograph this project sees.
-Image.MAX_IMAGE_PIXELS = 100_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # the formats of FILE_LIMITS
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """[H, W, 3] uint8 RGB; a missing or unreadable file raises UserError naming it."""
+    """[H, W, 3] uint8 RGB by the one decoder (``training.data.decode``, the server's too) under ``FILE_LIMITS``; a
+    missing, oversized or unreadable file raises UserError naming it."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+        size = path.stat().st_size
+        if size > FILE_LIMITS.max_bytes:  # before reading it into memory
+            raise ImageError(f"{size} bytes, more than the limit of {FILE_LIMITS.max_bytes}")
+        return decode_rgb(path.read_bytes(), FILE_LIMITS)
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except IsADirectoryError:
+        raise UserError(f"not an image file (a folder): {path}") from None
+    except OSError as error:
+        raise UserError(f"cannot read image {path}: {error.strerror or error}") from None
+    except ImageError as error:
         raise UserError(f"cannot read image {path}: {error}") from None
 
 
