@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from training.backbone_io import backbone_state_dict
 from training.checkpoint import load_checkpoint
 from training.config import PretrainConfig
-from training.data.views import TwoViews, collate_views
+from training.data.views import TwoViews, stack_view_pairs
 from training.densecl import DenseCL, dense_matches
 from training.errors import UserError
 from training.models.backbone import build_resnet
@@ -125,7 +125,7 @@ def test_queue_pointer_advances_and_wraps() -> None:
 def test_loss_decreases_over_a_few_steps(image_files: list[Path]) -> None:
     """Two alternating batches of distinct images: each batch's negatives are the other batch's keys."""
     dataset = TwoViews(image_files, 64, (0.2, 1.0))
-    batches = [collate_views([dataset[(i, i)] for i in range(start, start + 6)]) for start in (0, 6)]
+    batches = [stack_view_pairs([dataset[(i, i)] for i in range(start, start + 6)]) for start in (0, 6)]
     model = small_model(queue_size=6, momentum=0.9)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     totals = []
@@ -148,7 +148,7 @@ def test_views_are_deterministic_by_seed(image_files: list[Path]) -> None:
     other_q, _ = dataset[(3, 8)]
     assert not torch.equal(view_q, other_q)
     assert not torch.equal(view_q, view_k)
-    batch_q, batch_k = collate_views([dataset[(0, 1)], dataset[(1, 2)]])
+    batch_q, batch_k = stack_view_pairs([dataset[(0, 1)], dataset[(1, 2)]])
     assert batch_q.shape == batch_k.shape == (2, 3, 48, 48)
 
 

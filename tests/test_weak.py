@@ -20,7 +20,7 @@ from training.models import SOLOv2
 from training.results import ImageGeometry
 from training.selftrain import round_config, uncovered
 from training.solo_training import weak_model_config
-from training.weak import WeakStrongViews, collate_views, copy_paste, random_erase, weak_loss
+from training.weak import WeakStrongViews, collate_weak_strong, copy_paste, random_erase, weak_loss
 
 
 def square_sample(top: int, left: int, side: int, colour: int, embedding: float) -> Sample:
@@ -90,7 +90,7 @@ def test_views_are_deterministic_and_differ(synth_data: Path, coarse: Path) -> N
     weak_again, strong_again = views[(0, 5)]
     assert torch.equal(strong.image, strong_again.image) and torch.equal(weak.image, weak_again.image)
     assert torch.equal(weak.image, dataset[(0, 5)].image) and not torch.equal(weak.image, strong.image)
-    batch = collate_views([views[(0, 5)], views[(1, 6)]], 32)
+    batch = collate_weak_strong([views[(0, 5)], views[(1, 6)]], 32)
     assert batch.images.shape[0] == 4 and all(e is not None for e in batch.embeddings)
 
 

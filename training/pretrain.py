@@ -79,7 +79,7 @@ def train_densecl(
     """Pre-train (or resume, given the checkpoint ``state``) a DenseCL model on ``images`` into the run directory
     ``run`` (a ``RunPaths``) with ``config.pretrain``; returns the final model's path. ``init`` starts a new run's
     encoders from a backbone."""
-    from training.data.views import TwoViews, collate_views
+    from training.data.views import TwoViews, stack_view_pairs
     from training.densecl import DenseCL
     from training.engine.distributed import is_main_process
     from training.engine.trainer import new_metadata, train_loop
@@ -97,7 +97,7 @@ def train_densecl(
     elif state:
         say(f"resuming {run.root} from iteration {state['iteration']}")
     return train_loop(
-        config, model, dataset, densecl_loss, run, metadata, state, progress=progress, collate_fn=collate_views
+        config, model, dataset, densecl_loss, run, metadata, state, progress=progress, collate_fn=stack_view_pairs
     )
 
 

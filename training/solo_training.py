@@ -48,11 +48,13 @@ def build_training(config: Config, mode: str, dataset: CocoInstances) -> tuple[C
             config, model=dataclasses.replace(config.model, num_classes=len(dataset.category_ids))
         )
         return config, dataset, supervised_loss(config), None
-    from training.weak import WeakStrongViews, collate_views, weak_loss
+    from training.weak import WeakStrongViews, collate_weak_strong, weak_loss
 
     config = weak_model_config(config)
     views = WeakStrongViews(dataset, config.weak) if config.weak.strong_view else dataset
-    collate_fn = (lambda items: collate_views(items, config.input.size_divisor)) if config.weak.strong_view else None
+    collate_fn = (
+        (lambda items: collate_weak_strong(items, config.input.size_divisor)) if config.weak.strong_view else None
+    )
     return config, views, weak_loss(config), collate_fn
 
 

@@ -109,7 +109,7 @@ class WeakStrongViews(Dataset):
         return weak, dataclasses.replace(strong, image=image)
 
 
-def collate_views(items: list[tuple[Sample, Sample]], size_divisor: int) -> Batch:
+def collate_weak_strong(items: list[tuple[Sample, Sample]], size_divisor: int) -> Batch:
     """Weak views first, then strong views, as one padded batch: both are trained."""
     return collate([weak for weak, _ in items] + [strong for _, strong in items], size_divisor)
 

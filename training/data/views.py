@@ -123,7 +123,7 @@ class TwoViews(Dataset):
         return view_q, view_k
 
 
-def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_view_pairs(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the query views and the key views into two uint8 [B, 3, S, S] batches."""
     views_q, views_k = zip(*items, strict=True)
     return torch.stack(views_q), torch.stack(views_k)

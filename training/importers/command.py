@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from training.checkpoint import save_checkpoint
+from training.cli_args import Subcommands
 from training.engine.trainer import new_metadata
 from training.errors import UserError
 from training.export_backbone import write_torchvision
@@ -15,7 +15,6 @@ from training.importers.coco_classes import COCO_CATEGORIES
 from training.importers.core import ImportedModel
 from training.importers.sources import FORMATS, MODEL_FORMATS, detect_format, import_backbone, import_model, read_source
 
-ArgumentGroup = Any  # argparse's _SubParsersAction is private
 MAX_CLASS_FILE_BYTES = 1 << 20
 
 DESCRIPTION = """\
@@ -36,7 +35,7 @@ missing, unexpected or mis-shaped tensors and unsupported layers (deformable con
 """
 
 
-def register(commands: ArgumentGroup) -> None:
+def register(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "import-weights",
         help="convert mmdetection / SOLO / FreeSOLO / DenseCL / detectron2 weights",
