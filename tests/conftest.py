@@ -106,16 +106,17 @@ def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def start_triton(cache_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Path], ServerState]]:
-    """``start_triton(model.onnx)``: `serve prepare` (python backend, max batch 8, one ORT thread) and `serve start`
+def start_triton(cache_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerState]]:
+    """``start_triton(model.onnx, *prepare_options)``: `serve prepare` (python backend, max batch 8, one ORT thread)
+    and `serve start`
     on free loopback ports; returns the server's state (pid, ports; the repository is the folder of its log). Every
     server still running is stopped at the end of the session."""
     repos: list[Path] = []
 
-    def start(onnx_path: Path) -> ServerState:
+    def start(onnx_path: Path, *prepare_options: str) -> ServerState:
         repo = tmp_path_factory.mktemp("serve") / "repo"
         prepare = ["serve", "prepare", "--onnx", str(onnx_path), "--repo", str(repo), "--max-batch", "8"]
-        assert main([*prepare, "--threads", "1"]) == 0
+        assert main([*prepare, "--threads", "1", *prepare_options]) == 0
         ports = loopback_ports(3)
         named = ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
         assert main(["serve", "start", "--repo", str(repo), *named, "--timeout", "180"]) == 0
@@ -130,9 +131,10 @@ def start_triton(cache_home: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
-def shared_server(start_triton: Callable[[Path], ServerState], dynamic_onnx: Path) -> ServerState:
-    """One server of ``dynamic_onnx`` (served at 128 x 128) for the tests that leave it running."""
-    return start_triton(dynamic_onnx)
+def shared_server(start_triton: Callable[..., ServerState], dynamic_onnx: Path) -> ServerState:
+    """One server of ``dynamic_onnx`` served at a fixed 128 x 128 (batches of images share one input tensor) for the
+    tests that leave it running."""
+    return start_triton(dynamic_onnx, "--height", "128", "--width", "128")
 
 
 @pytest.fixture

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from google.protobuf import text_format
 from PIL import Image
 from pycocotools import mask as mask_utils
+from tritonclient.grpc import model_config_pb2
 
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.cli import main
@@ -306,5 +308,7 @@ def test_served_preprocessing_gets_the_imported_filter(light_export, tmp_path: P
     """`serve prepare` carries the model's resize filter into the Triton preprocess step's config."""
     _, onnx_path, _ = light_export
     assert main(["serve", "prepare", "--onnx", str(onnx_path), "--repo", str(tmp_path / "repo")]) == 0
-    config = (tmp_path / "repo" / "preprocess" / "config.pbtxt").read_text()
-    assert 'key: "resize_filter" value: { string_value: "opencv" }' in config
+    config = text_format.Parse(
+        (tmp_path / "repo" / "preprocess" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert config.parameters["resize_filter"].string_value == "opencv"

@@ -97,17 +97,25 @@ def assert_equal_detections(predicted: list[Results], served: list[Results], fil
 
 @needs_server
 def test_a_dynamic_export_serves_what_predict_predicts(
-    lively_checkpoint: Path, shared_server: ServerState, images: list[Path], tmp_path: Path
+    lively_checkpoint: Path,
+    dynamic_onnx: Path,
+    start_triton: Callable[..., ServerState],
+    images: list[Path],
+    tmp_path: Path,
 ) -> None:
+    server = start_triton(dynamic_onnx)  # served dynamic: each image on its own canvas
+    try:
+        served = infer(server.grpc_url, images, tmp_path / "served.json")
+    finally:
+        main(["serve", "stop", "--repo", str(Path(server.log).parent)])
     predicted = predict(lively_checkpoint, images, tmp_path / "predicted.json", "--batch-size", "4")
-    served = infer(shared_server.grpc_url, images, tmp_path / "served.json")
     assert_equal_detections(predicted, served, images)
 
 
 @needs_server
 def test_a_fixed_export_serves_what_predict_predicts_on_its_canvas(
     lively_checkpoint: Path,
-    start_triton: Callable[[Path], ServerState],
+    start_triton: Callable[..., ServerState],
     images: list[Path],
     tmp_path: Path,
 ) -> None:

@@ -182,10 +182,10 @@ INJECTION = '128" } } parameters { key: "EXECUTION_ENV_PATH" value { string_valu
 POLICY = {"height": 160, "width": 224, "test_size": 128, "max_size": 224}
 # The parameters each step's config may hold: all written by `serve prepare` itself, none named by the model file.
 STEP_PARAMETERS = {
-    "freesolo": {"class_names", "category_ids"},
-    "preprocess": {"EXECUTION_ENV_PATH", "test_size", "max_size"},
-    "postprocess": {"EXECUTION_ENV_PATH", "test_size", "max_size"},
-    "model": {"EXECUTION_ENV_PATH", "intra_op_thread_count"},
+    "freesolo": {"class_names", "category_ids", "dynamic_input"},
+    "preprocess": {"EXECUTION_ENV_PATH", "test_size", "max_size", "resize_filter", "resize_rounding"},
+    "postprocess": {"EXECUTION_ENV_PATH", "test_size", "max_size", "resize_filter", "resize_rounding", "max_side"},
+    "model": {"EXECUTION_ENV_PATH", "intra_op_thread_count", "max_side"},
 }
 
 
