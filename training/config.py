@@ -147,6 +147,12 @@ class FreeMaskConfig:
     # not dominate them.
     border_cells: int = 0
     center_features: bool = False
+    # Not in the paper, 0 (off) by default: the share of hand-made low-level features in what Free Mask compares.
+    # Each feature cell also gets the mean and standard deviation of its pixels' CIE Lab colour; the learned and the
+    # low-level cell features are each mean-centred and L2-normalised, then weighted so that the cosine score of two
+    # cells is (1 - w) * learned cosine + w * low-level cosine. 1 reads colour statistics alone (the hand-made
+    # baseline: no backbone is run), 0 res5 alone (the paper).
+    low_level_weight: float = 0.0
 
 
 @dataclass
