@@ -138,6 +138,7 @@ class FreeMaskConfig:
     top_k: int = 20
     score_thr: float = 0.7  # on the decayed maskness
     max_box_fraction: float = 0.95  # drop masks whose box is wider than this share of the image
+    min_area_fraction: float = 0.0  # drop masks smaller than this share of the image (not in the paper; 0 = off)
     drop_top_fraction: float = 0.2  # drop masks centred in the top share of the image (0 disables)
     embedding_dim: int = 128
     batch_size: int = 8

@@ -104,14 +104,17 @@ def resample_embedding(query: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def passes_filters(mask: np.ndarray, config: FreeMaskConfig) -> bool:
-    """Drop empty masks, boxes wider or taller than ``max_box_fraction`` of the image (the reference checks only
-    the width; a mask spanning the full height is background just as often), and (when enabled) masks centred in
-    the top ``drop_top_fraction`` of the image (the reference's COCO sky/ceiling prior)."""
+    """Drop empty masks, masks covering less than ``min_area_fraction`` of the image (a few feature cells: mostly
+    fragments of background or of an object's edge), boxes wider or taller than ``max_box_fraction`` of the image
+    (the reference checks only the width; a mask spanning the full height is background just as often), and (when
+    enabled) masks centred in the top ``drop_top_fraction`` of the image (the reference's COCO sky/ceiling prior)."""
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return False
     height, width = mask.shape
+    if mask.sum() < config.min_area_fraction * height * width:
+        return False
     if (cols[-1] + 1 - cols[0]) > config.max_box_fraction * width:
         return False
     if (rows[-1] + 1 - rows[0]) > config.max_box_fraction * height:

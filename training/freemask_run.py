@@ -117,12 +117,19 @@ def batch_features(backbone: torch.nn.Module | None, images: list[torch.Tensor],
 
 
 def run_freemask(
-    files: list[Path], root: Path, backbone_path: Path, out: Path, config: Config, progress: bool = True
+    files: list[Path],
+    root: Path,
+    backbone_path: Path | None,
+    out: Path,
+    config: Config,
+    progress: bool = True,
 ) -> int:
     """Free Mask on ``files`` (names relative to ``root`` go into the json); returns the number of masks."""
     context = DistributedContext.from_env()
     backbone = None
     if config.freemask.low_level_weight < 1:
+        if backbone_path is None:
+            raise UserError("Free Mask needs --backbone unless freemask.low_level_weight is 1")
         backbone, _ = load_backbone(backbone_path, config.freemask.dilate_res5)
     names = [str(f.relative_to(root)) for f in files]
     folder = parts_dir(out)
@@ -153,7 +160,7 @@ def run_freemask(
             raise UserError(f"{folder} lacks {len(missing)} images (e.g. {missing[0]}); run again to resume")
         info = {
             "generator": "freesolo freemask",
-            "backbone": str(backbone_path),
+            "backbone": None if backbone is None else str(backbone_path),
             "config": dataclasses.asdict(config.freemask),
         }
         document = merge([done[name] for name in names], info)
