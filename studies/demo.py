@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from studies.demo_report import write_demo_report
 from benchmarks.serving_setup import free_ports
+from studies.demo_report import write_demo_report
 from training.cli import main as freesolo
 
 TRAIN_IMAGES = 400  # 40% of the default set: Free Mask and the pseudo-labels go over every training image

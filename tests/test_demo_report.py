@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from studies.demo_report import RUNTIMES, write_demo_report
 from serving.launcher import ServerState
+from studies.demo_report import RUNTIMES, write_demo_report
 
 
 def test_demo_report_measures_every_runtime_and_links_its_pictures(
