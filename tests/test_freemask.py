@@ -19,7 +19,15 @@ from pycocotools.coco import COCO
 import training.freemask_run as freemask_run
 from training.cli import main
 from training.config import FreeMaskConfig, load_preset
-from training.freemask import coarse_masks, passes_filters, resample_embedding
+from training.freemask import (
+    coarse_masks,
+    lab_cell_statistics,
+    mix_features,
+    passes_filters,
+    resample_embedding,
+    unit_scaled,
+)
+from training.models.weak_losses import rgb_to_lab
 
 
 def crafted_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,6 +71,8 @@ def test_filters_drop_wide_and_top_masks() -> None:
     assert not passes_filters(wide, config) and not passes_filters(top, config) and passes_filters(fine, config)
     assert not passes_filters(tall, FreeMaskConfig(max_box_fraction=0.95, drop_top_fraction=0.0))
     assert not passes_filters(np.zeros((5, 5), bool), config)
+    small = FreeMaskConfig(drop_top_fraction=0.0, min_area_fraction=0.1)  # fine covers 400 of 5000 pixels: 8%
+    assert not passes_filters(fine, small) and passes_filters(fine, dataclasses.replace(small, min_area_fraction=0.05))
 
 
 def test_centred_masks_ignore_a_component_every_location_shares() -> None:
@@ -165,3 +175,53 @@ def test_torchrun_shards_images(
     freesolo_under_torchrun(*freemask_args(synth_data / "val", random_backbone, out))
     names = [image["file_name"] for image in json.loads(out.read_text())["images"]]
     assert len(names) == 4 and len(set(names)) == 4
+
+
+def test_lab_statistics_are_each_cells_colour_mean_and_spread() -> None:
+    red, blue = torch.tensor([220, 30, 30], dtype=torch.uint8), torch.tensor([20, 40, 200], dtype=torch.uint8)
+    image = red.view(3, 1, 1).repeat(1, 32, 32)
+    image[:, :, 24:] = blue.view(3, 1, 1)  # cell (0, 1) of a 2 x 2 grid of 16 px cells: half red, half blue
+    stats = lab_cell_statistics(image[None], 16)[0]
+    lab_red, lab_blue = (rgb_to_lab(c.float().view(1, 3, 1, 1)).view(3) for c in (red, blue))
+    torch.testing.assert_close(stats[:3, 0, 0], lab_red, atol=1e-3, rtol=0)
+    torch.testing.assert_close(stats[3:, 0, 0], torch.zeros(3), atol=2e-2, rtol=0)
+    torch.testing.assert_close(stats[:3, 0, 1], (lab_red + lab_blue) / 2, atol=1e-3, rtol=0)
+    torch.testing.assert_close(stats[3:, 0, 1], (lab_red - lab_blue).abs() / 2, atol=1e-2, rtol=1e-4)
+
+
+def test_mixed_features_weigh_learned_and_low_level_similarities() -> None:
+    torch.manual_seed(0)
+    learned, low_level, weight = torch.randn(12, 5, 4), 50 * torch.randn(6, 5, 4), 0.3
+    mixed = mix_features(learned, low_level, weight).flatten(1)
+    a, b = unit_scaled(learned).flatten(1), unit_scaled(low_level).flatten(1)
+    torch.testing.assert_close(mixed.t() @ mixed, (1 - weight) * a.t() @ a + weight * b.t() @ b)
+    assert torch.linalg.vector_norm(a, dim=0).mean() == pytest.approx(1.0) and a.mean(dim=1).abs().max() < 1e-5
+    assert torch.equal(mix_features(None, low_level, 1.0), unit_scaled(low_level))
+
+
+def colour_only(config_name: str = "tiny", **changes: object):
+    config = load_preset(config_name)
+    return dataclasses.replace(config, freemask=dataclasses.replace(config.freemask, low_level_weight=1.0, **changes))
+
+
+def test_colour_statistics_find_a_square_without_a_backbone() -> None:
+    config = colour_only(mask_thr=0.8)
+    image = torch.full((3, 128, 128), 90, dtype=torch.uint8)
+    image[:, 40:80, 32:72] = torch.tensor([200, 60, 40], dtype=torch.uint8).view(3, 1, 1)
+    features = freemask_run.batch_features(None, [image], config)[0]
+    assert features.shape == (6, 16, 16)  # 128 px upscaled to 256, stride 16: 8 px cells of the original
+    square = np.zeros((128, 128), bool)
+    square[40:80, 32:72] = True
+    found = coarse_masks(features, (128, 128), config.freemask)
+    assert max((m.mask & square).sum() / (m.mask | square).sum() for m in found) > 0.8
+
+
+def test_freemask_without_backbone_needs_colour_statistics_alone(
+    synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "coarse.json"
+    args = ["freemask", "--images", str(synth_data / "val"), "--out", str(out), "--no-progress"]
+    assert main(args) == 2 and "needs --backbone" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--set", "freemask.low_level_weight=1"]) == 0
+    document = json.loads(out.read_text())
+    assert document["annotations"] and document["info"]["backbone"] is None

@@ -47,9 +47,9 @@ def _register_freemask(commands: Subcommands) -> None:
     freemask.add_argument(
         "--backbone",
         type=Path,
-        required=True,
         metavar="CKPT",
-        help="a `freesolo pretrain` run's model.pt, a FreeSOLO checkpoint or a torchvision ResNet state dict",
+        help="a `freesolo pretrain` run's model.pt, a FreeSOLO checkpoint or a torchvision ResNet state dict "
+        "(not needed with --set freemask.low_level_weight=1: colour statistics alone)",
     )
     freemask.add_argument("--out", type=Path, required=True, metavar="coarse.json", help="output json")
     add_config_arguments(freemask)

@@ -155,6 +155,7 @@ class FreeMaskConfig:
     top_k: int = 20
     score_thr: float = 0.7  # on the decayed maskness
     max_box_fraction: float = 0.95  # drop masks whose box is wider than this share of the image
+    min_area_fraction: float = 0.0  # drop masks smaller than this share of the image (not in the paper; 0 = off)
     drop_top_fraction: float = 0.2  # drop masks centred in the top share of the image (0 disables)
     embedding_dim: int = 128
     batch_size: int = 8
@@ -164,6 +165,12 @@ class FreeMaskConfig:
     # not dominate them.
     border_cells: int = 0
     center_features: bool = False
+    # Not in the paper, 0 (off) by default: the share of hand-made low-level features in what Free Mask compares.
+    # Each feature cell also gets the mean and standard deviation of its pixels' CIE Lab colour; the learned and the
+    # low-level cell features are each mean-centred and L2-normalised, then weighted so that the cosine score of two
+    # cells is (1 - w) * learned cosine + w * low-level cosine. 1 reads colour statistics alone (the hand-made
+    # baseline: no backbone is run), 0 res5 alone (the paper).
+    low_level_weight: float = 0.0
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import FreeMaskConfig
+from training.models.weak_losses import rgb_to_lab
 from training.ops import matrix_nms
 
 EPS = 1e-6
@@ -43,6 +44,33 @@ def c5_features(backbone: nn.Module, images: torch.Tensor, mean: torch.Tensor, s
     x = (images.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
     return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+
+
+def lab_cell_statistics(images: torch.Tensor, stride: int) -> torch.Tensor:
+    """Hand-made per-cell features [B, 6, H/stride, W/stride] of uint8 images [B, 3, H, W]: the mean and the standard
+    deviation of CIE Lab colour over each stride x stride cell (the grid of the res5 features). Where objects differ
+    from their surroundings mainly in colour and texture, these group pixels without any training."""
+    lab = rgb_to_lab(images.float())
+    mean = F.avg_pool2d(lab, stride, stride)
+    variance = (F.avg_pool2d(lab * lab, stride, stride) - mean * mean).clamp(min=0)
+    return torch.cat([mean, variance.sqrt()], dim=1)
+
+
+def unit_scaled(features: torch.Tensor) -> torch.Tensor:
+    """[C, h, w] features with the image's mean feature subtracted, scaled so that the mean cell has unit length.
+    One scale per image, not per cell: a cell close to the mean (plain background) stays short instead of getting a
+    noisy direction blown up to full weight."""
+    centred = features - features.mean(dim=(1, 2), keepdim=True)
+    return centred / torch.linalg.vector_norm(centred, dim=0).mean().clamp(min=EPS)
+
+
+def mix_features(learned: torch.Tensor | None, low_level: torch.Tensor, weight: float) -> torch.Tensor:
+    """One image's learned [C, h, w] and low-level [6, h, w] cell features as one map: each centred and scaled by
+    ``unit_scaled``, weighted by ``sqrt(1 - weight)`` and ``sqrt(weight)`` and stacked, so that dot products are
+    ``(1 - weight) * learned + weight * low-level``; ``learned`` is only read when ``weight < 1``."""
+    if weight >= 1 or learned is None:
+        return unit_scaled(low_level)
+    return torch.cat([(1 - weight) ** 0.5 * unit_scaled(learned), weight**0.5 * unit_scaled(low_level)])
 
 
 def pyramid_queries(features: torch.Tensor, scales: list[float]) -> torch.Tensor:
@@ -76,14 +104,17 @@ def resample_embedding(query: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def passes_filters(mask: np.ndarray, config: FreeMaskConfig) -> bool:
-    """Drop empty masks, boxes wider or taller than ``max_box_fraction`` of the image (the reference checks only
-    the width; a mask spanning the full height is background just as often), and (when enabled) masks centred in
-    the top ``drop_top_fraction`` of the image (the reference's COCO sky/ceiling prior)."""
+    """Drop empty masks, masks covering less than ``min_area_fraction`` of the image (a few feature cells: mostly
+    fragments of background or of an object's edge), boxes wider or taller than ``max_box_fraction`` of the image
+    (the reference checks only the width; a mask spanning the full height is background just as often), and (when
+    enabled) masks centred in the top ``drop_top_fraction`` of the image (the reference's COCO sky/ceiling prior)."""
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return False
     height, width = mask.shape
+    if mask.sum() < config.min_area_fraction * height * width:
+        return False
     if (cols[-1] + 1 - cols[0]) > config.max_box_fraction * width:
         return False
     if (rows[-1] + 1 - rows[0]) > config.max_box_fraction * height:

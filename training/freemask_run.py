@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from training.backbone_io import load_backbone
 from training.coarse_json import annotation, image_record, merge
@@ -26,7 +27,7 @@ from training.data.transforms import resize_image, to_tensor_image
 from training.engine.distributed import DistributedContext
 from training.errors import UserError
 from training.fileio import atomic_write_text
-from training.freemask import backbone_stride, c5_features, coarse_masks
+from training.freemask import backbone_stride, c5_features, coarse_masks, lab_cell_statistics, mix_features
 from training.geometry import padded_shape, resized_shape
 from training.progress import progress as progress_bar
 
@@ -65,6 +66,12 @@ def network_input(image: torch.Tensor, config: Config) -> torch.Tensor:
     return resize_image(image, size)
 
 
+def low_level_input(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The image at the network input's size by nearest-neighbour resizing: per-cell colour statistics then see the
+    original pixels (an integer upscale repeats them exactly) instead of the bilinear resize's smoothed ones."""
+    return F.interpolate(image[None].float(), size=size, mode="nearest-exact")[0].to(image.dtype)
+
+
 def border_padded(image: torch.Tensor, pad: int) -> torch.Tensor:
     """The image mirrored ``pad`` pixels outwards on every side (replicated when it is too small to mirror)."""
     if pad == 0:
@@ -73,27 +80,58 @@ def border_padded(image: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.nn.functional.pad(image[None].float(), (pad, pad, pad, pad), mode=mode)[0].to(image.dtype)
 
 
-def batch_features(backbone: torch.nn.Module, images: list[torch.Tensor], config: Config) -> list[torch.Tensor]:
-    """res5 features of several images in one forward pass: each mirrored by ``freemask.border_cells`` cells,
-    padded to a common size, then each cropped back to its own region."""
+def batch_features(backbone: torch.nn.Module | None, images: list[torch.Tensor], config: Config) -> list[torch.Tensor]:
+    """The cell features Free Mask compares, for several images in one forward pass: res5 features, or with
+    ``freemask.low_level_weight`` > 0 res5 mixed with per-cell Lab statistics (``mix_features``; at weight 1 the
+    backbone is not run and may be None). Each image is mirrored by ``freemask.border_cells`` cells, padded to a common
+    size, then each cropped back to its own region."""
     stride = backbone_stride(config.freemask.dilate_res5)
     border = config.freemask.border_cells
-    inputs = [border_padded(network_input(image, config), border * stride) for image in images]
+    weight = config.freemask.low_level_weight
+    resized = [network_input(image, config) for image in images]
+    inputs = [border_padded(r, border * stride) for r in resized]
     size = padded_shape([tuple(t.shape[-2:]) for t in inputs], stride)
-    mean, std = torch.tensor(config.model.pixel_mean), torch.tensor(config.model.pixel_std)
-    features = c5_features(backbone, torch.stack([pad_to(t, size) for t in inputs]), mean, std)
-    return [
-        features[i, :, border : t.shape[-2] // stride - border, border : t.shape[-1] // stride - border]
-        for i, t in enumerate(inputs)
-    ]
+    stacked = torch.stack([pad_to(t, size) for t in inputs])
+    features = None
+    if weight < 1:
+        if backbone is None:
+            raise UserError("Free Mask needs a backbone unless freemask.low_level_weight is 1")
+        mean, std = torch.tensor(config.model.pixel_mean), torch.tensor(config.model.pixel_std)
+        features = c5_features(backbone, stacked, mean, std)
+    low_level = None
+    if weight > 0:
+        plain = [
+            border_padded(low_level_input(image, tuple(r.shape[-2:])), border * stride)
+            for image, r in zip(images, resized, strict=True)
+        ]
+        low_level = lab_cell_statistics(torch.stack([pad_to(t, size) for t in plain]), stride)
+    cropped = []
+    for i, t in enumerate(inputs):
+        region = (
+            slice(None),
+            slice(border, t.shape[-2] // stride - border),
+            slice(border, t.shape[-1] // stride - border),
+        )
+        learned = None if features is None else features[i][region]
+        cropped.append(learned if low_level is None else mix_features(learned, low_level[i][region], weight))
+    return cropped
 
 
 def run_freemask(
-    files: list[Path], root: Path, backbone_path: Path, out: Path, config: Config, progress: bool = True
+    files: list[Path],
+    root: Path,
+    backbone_path: Path | None,
+    out: Path,
+    config: Config,
+    progress: bool = True,
 ) -> int:
     """Free Mask on ``files`` (names relative to ``root`` go into the json); returns the number of masks."""
     context = DistributedContext.from_env()
-    backbone, _ = load_backbone(backbone_path, config.freemask.dilate_res5)
+    backbone = None
+    if config.freemask.low_level_weight < 1:
+        if backbone_path is None:
+            raise UserError("Free Mask needs --backbone unless freemask.low_level_weight is 1")
+        backbone, _ = load_backbone(backbone_path, config.freemask.dilate_res5)
     names = [str(f.relative_to(root)) for f in files]
     folder = parts_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,7 +161,7 @@ def run_freemask(
             raise UserError(f"{folder} lacks {len(missing)} images (e.g. {missing[0]}); run again to resume")
         info = {
             "generator": "freesolo freemask",
-            "backbone": str(backbone_path),
+            "backbone": None if backbone is None else str(backbone_path),
             "config": dataclasses.asdict(config.freemask),
         }
         document = merge([done[name] for name in names], info)
