@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from studies.freesolo_report import freesolo, run_parallel, unfinished
+from training.engine.trainer import resume_option
 from training.evaluate import load_ground_truth
 from training.fileio import atomic_write_text
 from training.report import coarse_on_ground_truth, model_results, stage_row, stage_table
@@ -55,7 +56,8 @@ def free_mask(images: Path, out: Path, backbone: Path | None, overrides: list[st
 
 def training(images: Path, ann: Path, out: Path, mode: str, iters: int, overrides: list[str], *flags: str) -> list[str]:
     """The command of a resumable training run from scratch."""
-    command = ["train", "--mode", mode, "--images", str(images), "--ann", str(ann), "--out", str(out), "--resume"]
+    command = ["train", "--mode", mode, "--images", str(images), "--ann", str(ann), "--out", str(out)]
+    command += resume_option(out)  # --resume only for a started run: it refuses a folder with nothing to resume
     return freesolo(*command, "--iters", str(iters), *flags, *sets(overrides))
 
 
