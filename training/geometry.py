@@ -1,7 +1,7 @@
 """Image geometry, defined once for every runtime: how an image of any size becomes a network input and how the
 network's stride-4 masks map back onto it.
 
-One policy, three steps (docs/architecture.md, "One image, end to end"):
+One policy, three steps (docs/architecture.md, "Image geometry"):
 
 1. the test resize: shorter side to ``test_size``, longer side at most ``max_size`` (``resized_shape``);
 2. a fixed-size graph (``InputPolicy.dynamic`` False) scales that down until it fits its ``height`` x ``width``
@@ -15,7 +15,7 @@ Padding is part of the prediction, not a detail: GroupNorm statistics and the SO
 an image padded to a larger canvas gets different detections. Every entry point (``freesolo predict``, evaluation,
 ONNX Runtime, Triton) therefore gives each image its own canvas; batches hold images of one canvas only.
 
-Torch-free (numpy only): the serving side imports it too. ``ImageGeometry`` records what the mapping back needs.
+Torch-free (numpy and Pillow): the serving side imports it too. ``ImageGeometry`` records what the mapping back needs.
 """
 
 from __future__ import annotations
