@@ -52,7 +52,7 @@ def test_ladder_a_weak_trainer_on_ground_truth_learns_like_the_supervised_recipe
     document["annotations"] = [{**ann, "score": 1.0} for ann in document["annotations"]]
     coarse.write_text(json.dumps(document))
     weak_args = train_args(images, coarse, tmp_path / "weak", "weak")
-    assert main([*weak_args, "--set", "weak.embedding_weight=0"]) == 0
+    assert main(weak_args) == 0
     supervised_args = train_args(images, truth, tmp_path / "supervised", "supervised")
     assert main([*supervised_args, "--class-agnostic"]) == 0
     weak = fit_ap50(tmp_path / "weak" / "model.pt", images, truth)
@@ -71,9 +71,9 @@ def test_ladder_c_colour_baseline_beside_an_untrained_backbone(ladder_data: Path
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), random_backbone)
     rows = {}
-    for name, extra in (("colour", ["--set", "freemask.low_level_weight=1"]), ("untrained", [])):
+    for name, weight in (("colour", "1"), ("untrained", "0")):
         out = tmp_path / f"{name}.json"
         args = ["freemask", "--images", str(root / "val"), "--backbone", str(random_backbone), "--out", str(out)]
-        assert main([*args, "--no-progress", "--set", "freemask.mask_thr=0.8", *extra]) == 0
+        assert main([*args, "--no-progress", "--set", f"freemask.low_level_weight={weight}"]) == 0
         rows[name] = coarse_ap(out, root / "val.json")
     assert rows["colour"]["AP50"] > 0.1 and rows["colour"]["AP50"] > 3 * rows["untrained"]["AP50"], rows

@@ -97,8 +97,11 @@ def test_views_are_deterministic_and_differ(synth_data: Path, coarse: Path) -> N
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["weak.mask_loss=weak"], {"loss_max", "loss_avg", "loss_pairwise", "loss_cate", "loss_embed"}),
-        (["weak.mask_loss=dice"], {"loss_mask", "loss_cate", "loss_embed"}),
+        (
+            ["weak.mask_loss=weak", "weak.embedding_weight=4"],
+            {"loss_max", "loss_avg", "loss_pairwise", "loss_cate", "loss_embed"},
+        ),
+        (["weak.mask_loss=dice", "weak.embedding_weight=4"], {"loss_mask", "loss_cate", "loss_embed"}),
         (["weak.mask_loss=weak", "weak.embedding_weight=0"], {"loss_max", "loss_avg", "loss_pairwise", "loss_cate"}),
     ],
 )
@@ -132,6 +135,7 @@ def test_pairwise_term_warms_up(synth_data: Path, coarse: Path) -> None:
 def test_train_weak_then_selftrain(synth_data: Path, coarse: Path, tmp_path: Path) -> None:
     run = tmp_path / "weak"
     common = ["--no-progress", "--batch-size", "2", "--set", "weak.solver.log_period=1", "--set", "weak.mask_loss=weak"]
+    common += ["--set", "weak.embedding_weight=4"]  # the paper's beta (the tiny preset turns the term off)
     assert (
         main(
             [

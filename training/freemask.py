@@ -6,6 +6,10 @@ by maskness, de-duplicated by class-agnostic Matrix NMS (the ``training.ops`` re
 upsampled to the image, re-thresholded and filtered. Each mask carries its query vector, linearly resampled to
 ``embedding_dim`` and L2-normalised, as a semantic embedding (FreeSOLO's embedding targets).
 
+With ``low_level_weight`` > 0 (not in the paper; the tiny preset's 0.8) the features compared are res5 mixed with
+hand-made per-cell Lab colour statistics (``mix_features``); at 1 they are the colour statistics alone, a baseline that
+needs no training.
+
 Two defects of the reference code are done right here: boxes are written as COCO x, y, w, h (computed from the
 final masks), and every annotation carries its embedding.
 """
