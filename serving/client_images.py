@@ -68,13 +68,21 @@ def file_bytes(path: Path) -> bytes:
         raise ValueError(f"cannot read file ({error.strerror or error})") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format in IMAGE_FORMATS:
-                return data
-            return png_bytes(np.asarray(image.convert("RGB")))
+            image_format = image.format
     except UnidentifiedImageError:
         raise ValueError("not an image (PIL cannot identify it)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image ({error})") from None
+    if image_format in IMAGE_FORMATS:
+        return data
+    # The one decoder `predict` reads files with, so a 16-bit TIFF is sent as the pixels `predict` sees. Imported
+    # here: the client module itself imports nothing of `training` (tests/test_serving_client.py).
+    from training.data.decode import FILE_LIMITS, ImageError, decode_rgb
+
+    try:
+        return png_bytes(decode_rgb(data, FILE_LIMITS))
+    except ImageError as error:
+        raise ValueError(str(error)) from None
 
 
 def encode_image(image: ImageInput, index: int) -> bytes:

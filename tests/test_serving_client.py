@@ -6,6 +6,7 @@ infer` writes COCO results that pycocotools loads against the synthetic ground t
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -27,6 +29,7 @@ from serving.contract import MAX_IMAGE_BYTES
 from serving.launcher import ServerState
 from serving.server_binary import pytriton_root
 from training.cli import main
+from training.data.images import read_rgb
 from training.data.synth import CATEGORIES
 
 grpc = pytest.importorskip("tritonclient.grpc")
@@ -76,6 +79,19 @@ def test_a_file_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> N
     assert peak < 2**20, f"{peak} bytes allocated to refuse it"  # the file was never read
     with pytest.raises(ImageInputError, match="not a regular file"):
         encode_image(tmp_path, 0)
+
+
+def test_other_formats_are_sent_as_the_pixels_predict_reads(tmp_path: Path) -> None:
+    """A 16-bit greyscale TIFF is re-encoded by the one decoder (value >> 8), as `freesolo predict` reads the file;
+    PIL's own convert("RGB") made every value above 255 white."""
+    ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    tiff = tmp_path / "ramp16.tif"
+    Image.fromarray(ramp).save(tiff)  # mode I;16
+    with Image.open(io.BytesIO(encode_image(tiff, 0))) as sent:
+        assert sent.format == "PNG"
+        pixels = np.asarray(sent)
+    assert np.array_equal(pixels, read_rgb(tiff))
+    assert np.array_equal(pixels[..., 0], (ramp >> 8).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
