@@ -46,7 +46,7 @@ from benchmarks.bad_requests import BadResult, oversize_requests, run_bad_client
 from benchmarks.loadgen import Load, LoadResult, LoadSpec, generate
 from benchmarks.reporting import machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, free_ports, photographs, progress
-from serving.contract import MAX_IMAGE_BYTES
+from serving.contract import MAX_IMAGE_BYTES, MAX_MESSAGE_BYTES
 from serving.launcher import SHM_DIR, STUB_REGION, ServerState, read_state
 from serving.processes import PROC, command_line, family, is_running
 from serving.repository import Settings, prepare_repository
@@ -276,16 +276,15 @@ def mixed_markdown(m: dict[str, Any], o: dict[str, Any]) -> list[str]:
         *[f"- bad request not refused as expected: `{kind}` x {count}" for kind, count in bad["unexpected"].items()],
         f"## Oversize: {o['requests']} images of {o['request_mb']:g} MB (limit {MAX_IMAGE_BYTES / MB:g} MB)",
         "",
-        f"- {o['refused_by_size']} refused by preprocess's byte limit in {o['seconds']:.1f} s; server RSS "
+        f"- {o['refused_by_size']} refused for their size in {o['seconds']:.1f} s; server RSS "
         f"{o['server_rss_mb_before']:.0f} MB before, {o['server_rss_mb_after']:.0f} MB after "
         f"({o['server_rss_growth_mb']:+.1f} MB); a good request answered afterwards: "
         f"{o['good_request_answered_after']}.",
-        "- tritonserver 2.51 has no option bounding a gRPC message's size (`tritonserver --help` lists none), so "
-        "Triton receives the whole message before preprocess refuses it. The server runs without its request-object "
-        "pool (`--grpc-infer-allocation-pool-size=0`) and with a fixed glibc mmap threshold "
-        "(`MALLOC_MMAP_THRESHOLD_`), so large messages are returned to the system when freed; the growth left is "
-        "the python backend's shared-memory region that carried the image to preprocess (counted in the server's "
-        "and the stub's RSS alike), which stays as large as the largest request.",
+        f"- tritonserver 2.51 has no option bounding a gRPC message's size, so clients reach it through the gRPC "
+        f"gate (`serving/grpc_gate.py`), which refuses a message over {MAX_MESSAGE_BYTES / MB:g} MB before the server "
+        "receives any of it; an image over the image limit in a smaller message is refused by preprocess. The "
+        "server also runs without its request-object pool (`--grpc-infer-allocation-pool-size=0`) and with a fixed "
+        "glibc mmap threshold (`MALLOC_MMAP_THRESHOLD_`), so what preprocess refuses is returned to the system.",
         "",
     ]
 

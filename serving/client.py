@@ -34,7 +34,7 @@ from tritonclient.utils.shared_memory import SharedMemoryException
 
 from serving.client_images import ImageInput, ImageInputError, encode_image
 from serving.client_results import Detection, ModelInfo, model_info, response_detections
-from serving.contract import ENSEMBLE, INPUT, OUTPUT_NAMES
+from serving.contract import ENSEMBLE, INPUT, MAX_REQUEST_IMAGE_BYTES, OUTPUT_NAMES
 from serving.shared_memory import InputRegion, serialize_items
 
 __all__ = ["AsyncFreeSOLOClient", "Detection", "FreeSOLOClient", "ImageInputError", "ModelInfo", "ServingError"]
@@ -255,9 +255,18 @@ class _ClientCore:
             raise TypeError(f"predict takes a list of images, got {type(images).__name__}")
 
     def chunks(self, images: Sequence[ImageInput], size: int) -> Iterator[tuple[int, list[bytes]]]:
-        """(index of the first image, encoded images) per request, encoded as they are sent."""
-        for start in range(0, len(images), size):
-            yield start, [encode_image(image, start + i) for i, image in enumerate(images[start : start + size])]
+        """(index of the first image, encoded images) per request, encoded as they are sent: at most ``size``
+        images and ``MAX_REQUEST_IMAGE_BYTES`` together, so that no request is over the gate's message limit."""
+        start, total, items = 0, 0, list[bytes]()
+        for index, image in enumerate(images):
+            data = encode_image(image, index)
+            if items and (len(items) == size or total + len(data) > MAX_REQUEST_IMAGE_BYTES):
+                yield start, items
+                start, total, items = index, 0, []
+            items.append(data)
+            total += len(data)
+        if items:
+            yield start, items
 
     def input_tensor(self, items: list[bytes]) -> tuple[grpcclient.InferInput, bytes | None]:
         """The request's input; with shared memory, also the payload to write to the region."""

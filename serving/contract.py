@@ -45,3 +45,7 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000  # width x height before decoding (decompression-bomb guard)
 MAX_IMAGE_SIDE = 16_384
 IMAGE_FORMATS = ("JPEG", "PNG")  # PIL format names accepted
+# A gRPC message: the images of one request together (the client splits batches to stay under it) plus the request's
+# own framing; the gate (serving.grpc_gate) refuses a larger message before tritonserver receives it.
+MAX_REQUEST_IMAGE_BYTES = MAX_IMAGE_BYTES
+MAX_MESSAGE_BYTES = MAX_REQUEST_IMAGE_BYTES + 1024 * 1024

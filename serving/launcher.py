@@ -1,8 +1,10 @@
 """``freesolo serve start|stop|status``: run tritonserver on a model repository in the background, bound to
 127.0.0.1 by default, and know when it is ready, why it failed, and how to stop all of it.
 
-The server's state (pid, start time, ports) is ``DIR/server.json`` and its log ``DIR/server.log``: Triton loads
-only the sub-folders of a model repository, so files beside them are ignored.
+gRPC clients reach the server through the gate (``serving.grpc_gate``), a process of its own on the gRPC port that
+refuses messages over ``MAX_MESSAGE_BYTES``; tritonserver's own gRPC endpoint listens on a loopback port only the
+gate uses. The server's state (pids, start times, ports) is ``DIR/server.json``, its log ``DIR/server.log`` and the
+gate's ``DIR/gate.log``: Triton loads only the sub-folders of a model repository, so files beside them are ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +41,7 @@ from training.fileio import atomic_write_text
 
 STATE_FILE = "server.json"
 LOG_FILE = "server.log"
+GATE_LOG_FILE = "gate.log"
 LOOPBACK = "127.0.0.1"
 BUNDLED_HINT = (
     "the tritonserver bundled with nvidia-pytriton has only the python backend: prepare the repository with "
@@ -73,10 +77,13 @@ class ServerState:
     started: int  # /proc start time of the pid (guards against pid reuse)
     host: str
     http_port: int
-    grpc_port: int
+    grpc_port: int  # the gate's: where clients connect
     metrics_port: int
     binary: str
     log: str
+    gate_pid: int
+    gate_started: int
+    server_grpc_port: int  # tritonserver's own gRPC endpoint, on loopback, for the gate
 
     @property
     def probe_host(self) -> str:
@@ -114,6 +121,8 @@ def running_state(repo: Path, log: Callable[[str], None] | None = None) -> Serve
     is cleaned up."""
     state = read_state(repo)
     if state is not None and not is_running(state.pid, state.started):
+        if is_running(state.gate_pid, state.gate_started):  # a gate without its server relays to nothing
+            stop_tree(state.gate_pid, 5.0)
         left = clean_up_after(state.pid)
         if left and log is not None:
             log(f"the server pid {state.pid} died without stopping; stopped what it left: {left}")
@@ -221,14 +230,16 @@ def log_excerpt(log: Path, count: int = 6) -> list[str]:
     return picked[-count:] or [line.strip() for line in lines[-count:] if line.strip()]
 
 
-def server_command(binary_path: Path, backend_dir: Path | None, repo: Path, host: str, ports: Ports) -> list[str]:
+def server_command(
+    binary_path: Path, backend_dir: Path | None, repo: Path, host: str, ports: Ports, server_grpc_port: int
+) -> list[str]:
     command = [
         str(binary_path),
         f"--model-repository={repo}",
         f"--http-address={host}",
-        f"--grpc-address={host}",
+        f"--grpc-address={LOOPBACK}",  # only the gate connects here
         f"--http-port={ports.http}",
-        f"--grpc-port={ports.grpc}",
+        f"--grpc-port={server_grpc_port}",
         "--disable-auto-complete-config",
         "--exit-on-error=true",
         "--strict-readiness=true",
@@ -267,32 +278,37 @@ def start_server(
     binary = find_server(tritonserver)
     env = server_environment(binary, plugin_lib)
     log_path = repo / LOG_FILE
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            server_command(binary.path, binary.backend_dir, repo, host, ports),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=repo,
-            start_new_session=True,
-        )
-    started = start_time(process.pid) or 0
+    server_grpc_port = loopback_ports(1)[0]
+    command = server_command(binary.path, binary.backend_dir, repo, host, ports, server_grpc_port)
+    process = background(command, log_path, env, repo)
+    gate_command = [sys.executable, "-m", "serving.grpc_gate", "--listen", host_port(host, ports.grpc)]
+    gate = background([*gate_command, "--upstream", host_port(LOOPBACK, server_grpc_port)], repo / GATE_LOG_FILE)
     state = ServerState(
-        process.pid, started, host, ports.http, ports.grpc, ports.metrics, str(binary.path), str(log_path)
+        process.pid,
+        start_time(process.pid) or 0,
+        host,
+        ports.http,
+        ports.grpc,
+        ports.metrics,
+        str(binary.path),
+        str(log_path),
+        gate.pid,
+        start_time(gate.pid) or 0,
+        server_grpc_port,
     )
     atomic_write_text(repo / STATE_FILE, json.dumps(asdict(state), indent=1))
     log(f"tritonserver pid {process.pid} ({binary.path}), log {log_path}; waiting for the models (<= {timeout:g} s)")
     begin = time.monotonic()
     try:
-        problem = wait_until_ready(process, state, timeout)
+        problem = wait_until_ready(process, state, timeout) or wait_for_gate(gate, state, timeout)
     except BaseException:  # Ctrl-C while waiting: leave nothing running
-        stop_and_clean(process.pid, 10.0)
+        stop_all(state, 10.0)
         (repo / STATE_FILE).unlink(missing_ok=True)
         raise
     if problem is not None:
-        stop_and_clean(process.pid, 10.0)
+        stop_all(state, 10.0)
         process.poll()
+        gate.poll()
         (repo / STATE_FILE).unlink(missing_ok=True)
         what, details = problem
         if any("already in use" in line for line in details):
@@ -302,6 +318,48 @@ def start_server(
         raise UserError(f"tritonserver {what} on {repo}:\n  " + "\n  ".join(details) + f"\n(full log: {log_path})")
     log(f"ready in {time.monotonic() - begin:.1f} s: gRPC {state.host}:{ports.grpc}, HTTP {state.host}:{ports.http}")
     return state
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def background(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A process in a session of its own (``serve stop`` ends it and its children), output to ``log_path``."""
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def wait_for_gate(gate: subprocess.Popen, state: ServerState, timeout: float) -> tuple[str, list[str]] | None:
+    """None once the gate accepts connections; else what went wrong (the gate's own words)."""
+    deadline = time.monotonic() + timeout
+    family_ = socket.AF_INET6 if ":" in state.probe_host else socket.AF_INET
+    while True:
+        code = gate.poll()
+        if code is not None:
+            return f"could not start its gRPC gate (exit {code})", log_excerpt(Path(state.log).with_name(GATE_LOG_FILE))
+        with socket.socket(family_, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex((state.probe_host.strip("[]"), state.grpc_port)) == 0:
+                return None
+        if time.monotonic() > deadline:
+            return f"gRPC gate was not listening after {timeout:g} s", []
+        time.sleep(0.1)
+
+
+def stop_all(state: ServerState, timeout: float) -> set[int]:
+    """Stop the gate, then the server and its stubs (see ``stop_and_clean``); returns the survivors."""
+    leftover = stop_tree(state.gate_pid, timeout) if is_running(state.gate_pid, state.gate_started) else set()
+    return leftover | stop_and_clean(state.pid, timeout)
 
 
 def wait_until_ready(process: subprocess.Popen, state: ServerState, timeout: float) -> tuple[str, list[str]] | None:
@@ -324,7 +382,7 @@ def stop_server(repo: Path, timeout: float = 30.0) -> ServerState | None:
     state = running_state(repo)
     if state is None:
         return None
-    leftover = stop_and_clean(state.pid, timeout)
+    leftover = stop_all(state, timeout)
     (repo / STATE_FILE).unlink(missing_ok=True)
     if leftover:
         raise UserError(f"processes {sorted(leftover)} of the server survived SIGKILL")
@@ -337,4 +395,11 @@ def server_status(repo: Path) -> dict[str, Any]:
     state = running_state(repo)
     if state is None:
         return {"running": False, "repo": str(repo)}
-    return {"running": True, "ready": is_ready(state), "models": models(state), **asdict(state)}
+    gate = is_running(state.gate_pid, state.gate_started)
+    return {
+        "running": True,
+        "ready": is_ready(state) and gate,
+        "gate_running": gate,
+        "models": models(state),
+        **asdict(state),
+    }

@@ -93,7 +93,7 @@ def test_a_mixed_soak_refuses_every_bad_request_and_no_good_one(
     assert big["refused_by_size"] == 1 and big["good_request_answered_after"]
     assert big["server_rss_mb_after"] > 0 and "server_rss_growth_mb" in big
     page = "\n".join(mixed_markdown(result, big))
-    assert "| good requests | good errors |" in page and "refused by preprocess's byte limit" in page
+    assert "| good requests | good errors |" in page and "refused for their size" in page
 
 
 def test_a_killed_server_fails_fast_and_the_cli_brings_it_back(

@@ -27,6 +27,7 @@ from serving.contract import (
     INPUT,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_SIDE,
+    MAX_MESSAGE_BYTES,
     MODEL,
     POSTPROCESS,
     PREPROCESS,
@@ -361,22 +362,32 @@ def test_postprocess_takes_only_what_preprocess_produced(
         assert served.predict([good]) == before
 
 
-def test_oversized_requests_do_not_pile_up_in_the_server(shared_server: ServerState) -> None:
-    """tritonserver 2.51 cannot bound a gRPC message, so an image over the limit is refused only once received; it
-    must not pile up in the server's memory afterwards (the launcher turns off Triton's request-object pool and
-    fixes glibc's mmap threshold: before, 12 requests of 30 MB grew the server from 38 to 218 MB)."""
+def test_oversized_messages_stop_at_the_gate(shared_server: ServerState) -> None:
+    """tritonserver cannot bound a gRPC message (2 GB, compiled in), so the gate in front of it does: a message over
+    MAX_MESSAGE_BYTES is refused with RESOURCE_EXHAUSTED before tritonserver receives any of it, and the gate does not
+    hold it either (before the gate, 12 requests of 30 MB grew the server from 38 to 218 MB). An image just over the
+    image limit still fits a message and gets preprocess's own refusal."""
     connections = Connections(shared_server.grpc_url)
-    size = 30 * 2**20
+    size = 150 * 2**20
     oversized = send_images(b"\x89PNG\r\n\x1a\n" + bytes(size - 8))
-
-    def send() -> int:
-        with pytest.raises(InferenceServerException, match=f"more than the limit of {MAX_IMAGE_BYTES}"):
+    server_before = resident_bytes({shared_server.pid})
+    gate_peak_before = peak_resident_bytes(shared_server.gate_pid)
+    for _ in range(3):
+        with pytest.raises(
+            InferenceServerException, match=rf"larger than max \(\d+ vs\. {MAX_MESSAGE_BYTES}\)"
+        ) as refused:
             oversized(connections)
-        return resident_bytes({shared_server.pid})
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    server_growth = resident_bytes({shared_server.pid}) - server_before
+    gate_growth = peak_resident_bytes(shared_server.gate_pid) - gate_peak_before
+    assert server_growth < 16 * 2**20, f"3 refused 150 MB messages grew the server by {server_growth / 2**20:.0f} MiB"
+    assert gate_growth < size // 4, f"the gate's peak memory grew by {gate_growth / 2**20:.0f} MiB"
+    just_over = send_images(b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE_BYTES))
+    with pytest.raises(InferenceServerException, match=f"more than the limit of {MAX_IMAGE_BYTES}"):
+        just_over(connections)
 
-    before = resident_bytes({shared_server.pid})
-    after_each = [send() for _ in range(12)]
-    # What may stay: the python backend's region that carried the image (mapped by the server too) and messages being
-    # freed as answers return (measured: 1 to 5 messages' size); before, the pool kept up to 8 (+226 MB over 12).
-    growth = max(after_each) - before
-    assert growth < 6 * size, f"12 oversized requests grew the server by {growth / 2**20:.0f} MiB: {after_each}"
+
+def peak_resident_bytes(pid: int) -> int:
+    """The highest resident memory ``pid`` has had (VmHWM)."""
+    status = (PROC / str(pid) / "status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024

@@ -224,8 +224,10 @@ def test_stop_leaves_no_process(server: dict, capsys: pytest.CaptureFixture[str]
     assert state is not None
     children = family(state.pid)
     assert len(children) >= 3  # a stub per python model
+    assert is_running(state.gate_pid, state.gate_started)
     assert main(["serve", "stop", "--repo", str(server["repo"])]) == 0
     assert not is_running(state.pid) and not any(is_running(pid) for pid in children)
+    assert not is_running(state.gate_pid)
     assert read_state(server["repo"]) is None
     assert main(["serve", "status", "--repo", str(server["repo"])]) == 1
     assert f"stopped tritonserver pid {state.pid}" in capsys.readouterr().out
