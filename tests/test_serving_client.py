@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from serving.contract import MAX_IMAGE_BYTES
+from serving.contract import MAX_IMAGE_BYTES, MAX_REQUEST_IMAGE_BYTES
 from serving.launcher import ServerState
 from serving.server_binary import pytriton_root
 from training.cli import main
@@ -35,7 +35,7 @@ from training.data.synth import CATEGORIES
 grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving.client import AsyncFreeSOLOClient, FreeSOLOClient, ImageInputError, ServingError  # noqa: E402
+from serving.client import AsyncFreeSOLOClient, FreeSOLOClient, ImageInputError, ServingError, _ClientCore  # noqa: E402
 from serving.client_images import encode_image  # noqa: E402
 
 needs_server = pytest.mark.skipif(pytriton_root() is None, reason="no tritonserver (nvidia-pytriton)")
@@ -307,3 +307,14 @@ def test_infer_errors_name_the_problem(
         err = capsys.readouterr().err
         assert err.startswith("freesolo infer: error: ") and message in err, err
     assert not Path(out).exists()
+
+
+def test_requests_stay_under_the_gates_message_limit() -> None:
+    """A batch is split so that no request carries more than MAX_REQUEST_IMAGE_BYTES of images (the gate refuses
+    larger messages): 8 MB images go two to a request, small ones up to the batch size."""
+    core = _ClientCore("127.0.0.1:1", "freesolo", 10.0, 0, None, False, 0.0)
+    big, small = bytes(8 * 2**20), bytes(1000)
+    split = [(start, len(items)) for start, items in core.chunks([big, big, big, small, small], size=4)]
+    assert split == [(0, 2), (2, 3)]
+    assert all(sum(map(len, items)) <= MAX_REQUEST_IMAGE_BYTES for _, items in core.chunks([big] * 5, size=8))
+    assert [len(items) for _, items in core.chunks([small] * 9, size=4)] == [4, 4, 1]
