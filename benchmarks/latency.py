@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_model import BenchModel, ensure_bench_model
 from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
+from export.graph_contract import INPUT_NAME, SIZES_NAME
 from export.onnx_export import BF16_UNSUPPORTED, InputSize, build_onnx, default_input_size, preset_model
 from export.onnx_inputs import OnnxModel, calibration_images, session_options
 from export.quantize import quantize_int8
@@ -153,7 +154,7 @@ def onnx_models(
     config: Config,
     metadata: dict[str, Any],
     size: InputSize,
-    calibration: list[np.ndarray],
+    calibration: list[dict[str, np.ndarray]],
     folder: Path,
     label: str,
 ) -> dict[str, tuple[Path, float]]:
@@ -237,7 +238,8 @@ def random_cases(cases: tuple[Case, ...], threads: int, folder: Path) -> list[di
         side = chosen[0].size
         progress(f"{preset}: exporting (dynamic H/W) and quantising")
         noise = np.random.default_rng(0).integers(0, 256, (1, 3, side, side), dtype=np.uint8)
-        paths = onnx_models(model, config, metadata, InputSize(side, side, True), [noise], folder, f"{preset}_random")
+        feeds = [{INPUT_NAME: noise, SIZES_NAME: np.array([[side, side]], np.int32)}]
+        paths = onnx_models(model, config, metadata, InputSize(side, side, True), feeds, folder, f"{preset}_random")
         results += [timed_case(model, config, paths, case, threads, "random") for case in chosen]
     return results
 

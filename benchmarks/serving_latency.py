@@ -38,8 +38,7 @@ import tritonclient.grpc as grpcclient
 from benchmarks.bench_model import ensure_bench_model
 from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
 from benchmarks.serving_setup import cached_export, free_ports, photographs
-from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
-from export.onnx_inputs import session_options
+from export.onnx_inputs import image_sizes, run_session, session_options
 from serving.client import FreeSOLOClient
 from serving.client_results import Detection, ModelInfo, response_detections
 from serving.contract import ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
@@ -73,7 +72,7 @@ class InProcess:
 
     def __call__(self, data: bytes) -> list[Detection]:
         images, geometry = prepare_image(decode_image(data), self.policy)
-        outputs = dict(zip(OUTPUT_NAMES, self.session.run(None, {INPUT_NAME: images[None]}), strict=True))
+        outputs = run_session(self.session, images[None], image_sizes([geometry]))
         item = image_outputs(
             int(outputs["num_dets"][0]),
             outputs["scores"][0],

@@ -27,9 +27,12 @@ from torch import nn
 from export.graph_contract import (
     CONTRACT_VERSION,
     DEFAULT_CALIB_COUNT,
-    INPUT_NAME,
+    MASKS_KEY,
     OUTPUT_NAMES,
+    PADDING_KEY,
     PRECISIONS,
+    Variant,
+    variant,
 )
 from export.onnx_inputs import calibration_images
 from export.quantize import quantize_int8
@@ -61,8 +64,19 @@ RESIZE_POLICY = (
 Log = Callable[[str], None]
 
 
+def graph_variant(config: Config) -> Variant:
+    """The contract variant a model's config computes (``export.graph_contract.Variant``): probability masks for
+    ``resize_soft_masks``, the ``image_sizes`` input for ``pad_normalized``."""
+    return Variant(
+        "probability" if config.inference.resize_soft_masks else "binary",
+        "normalized" if config.model.pad_normalized else "input",
+    )
+
+
 class DeployableSOLOv2(nn.Module):
-    """uint8 images [B, 3, H, W] -> the five contract outputs, with Matrix NMS as the ``freesolo::matrix_nms`` op."""
+    """uint8 images [B, 3, H, W] (and, for a ``pad_normalized`` model, int32 image_sizes [B, 2]) -> the five contract
+    outputs, with Matrix NMS as the ``freesolo::matrix_nms`` op. The sizes go to the model's own forward, so the graph
+    pads as PyTorch does; a ``resize_soft_masks`` model returns the probabilities its binary masks come from."""
 
     def __init__(self, model: SOLOv2, inference: InferenceConfig, strides: list[int]) -> None:
         super().__init__()
@@ -70,9 +84,11 @@ class DeployableSOLOv2(nn.Module):
         self.inference = inference
         self.strides = list(strides)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dets = postprocess(self.model(images), self.inference, self.strides, nms=matrix_nms_node)
-        return dets.num_dets, dets.scores, dets.labels, dets.boxes, dets.masks
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        output = self.model(images, image_sizes)
+        dets = postprocess(output, self.inference, self.strides, nms=matrix_nms_node)
+        masks = dets.soft_masks if self.inference.resize_soft_masks else dets.masks
+        return dets.num_dets, dets.scores, dets.labels, dets.boxes, masks
 
 
 @dataclass(frozen=True)
@@ -104,14 +120,16 @@ def choose_input_size(config: Config, height: int | None, width: int | None, dyn
     return InputSize(height, width, dynamic)
 
 
-def dynamic_shapes(size: InputSize) -> tuple[dict[int, Any]]:
+def dynamic_shapes(size: InputSize, inputs: int = 1) -> tuple[dict[int, Any], ...]:
     """Batch always dynamic; H and W too when ``size.dynamic``, any size up to ``MAX_DYNAMIC_SIDE`` (the model pads
-    to multiples of ``SIZE_DIVISOR`` itself: ``training.models.solov2.pad_to_divisor``)."""
-    shapes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=1024)}
+    to multiples of ``SIZE_DIVISOR`` itself: ``training.models.solov2.pad_to_divisor``). With ``inputs`` 2, the
+    image sizes [B, 2] share the images' batch."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shapes: dict[int, Any] = {0: batch}
     if size.dynamic:
         shapes[2] = torch.export.Dim("height", min=1, max=MAX_DYNAMIC_SIDE)
         shapes[3] = torch.export.Dim("width", min=1, max=MAX_DYNAMIC_SIDE)
-    return (shapes,)
+    return (shapes, {0: batch})[:inputs]
 
 
 def model_metadata(config: Config, metadata: dict[str, Any], size: InputSize, checkpoint: Path | str) -> dict[str, str]:
@@ -144,22 +162,28 @@ def model_metadata(config: Config, metadata: dict[str, Any], size: InputSize, ch
         "freesolo.run_id": str(metadata.get("run_id", "")),
         "freesolo.checkpoint": checkpoint.name if isinstance(checkpoint, Path) else checkpoint,
         "freesolo.precision": "fp32",  # export.quantize rewrites it
+        MASKS_KEY: graph_variant(config).masks,
+        PADDING_KEY: graph_variant(config).padding,
     }
 
 
-def trace_to_onnx(module: DeployableSOLOv2, size: InputSize, simplify: bool) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo) with the MatrixNMS translation; the exporter's optimizer is the simplification."""
+def trace_to_onnx(
+    module: DeployableSOLOv2, size: InputSize, simplify: bool, inputs: tuple[str, ...]
+) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) with the MatrixNMS translation; the exporter's optimizer is the simplification.
+    ``inputs``: the variant's input names (the images, and the image sizes of a ``pad_normalized`` model)."""
     example = torch.zeros(2, 3, size.height, size.width, dtype=torch.uint8)  # batch 2: 0/1 would be specialised
+    sizes = torch.tensor([[size.height, size.width]] * 2, dtype=torch.int32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter warns about its own internals; errors still raise
         program = torch.onnx.export(
             module,
-            (example,),
+            (example, sizes)[: len(inputs)],
             dynamo=True,
             opset_version=onnx_function.OPSET,
-            input_names=[INPUT_NAME],
+            input_names=list(inputs),
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=dynamic_shapes(size),
+            dynamic_shapes=dynamic_shapes(size, len(inputs)),
             custom_translation_table={torch.ops.freesolo.matrix_nms.default: onnx_function.translate},
             optimize=simplify,
             verbose=False,
@@ -181,7 +205,8 @@ def name_dynamic_dims(model: onnx.ModelProto) -> None:
 
 
 def check_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Full checker, shape inference, and the invariants the runtimes rely on: one MatrixNMS node with its body."""
+    """Full checker, shape inference, and the invariants the runtimes rely on: one MatrixNMS node with its body, the
+    inputs and the masks dtype its metadata declares."""
     onnx.checker.check_model(model, full_check=True)
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (onnx_function.DOMAIN, onnx_function.NAME)]
@@ -189,6 +214,12 @@ def check_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         raise RuntimeError(f"expected one {onnx_function.DOMAIN}::{onnx_function.NAME} node, found {len(nodes)}")
     if [o.name for o in model.graph.output] != list(OUTPUT_NAMES):
         raise RuntimeError(f"outputs are {[o.name for o in model.graph.output]}, expected {list(OUTPUT_NAMES)}")
+    declared = variant({p.key: p.value for p in model.metadata_props})
+    if [i.name for i in model.graph.input] != list(declared.inputs):
+        raise RuntimeError(f"inputs are {[i.name for i in model.graph.input]}, expected {list(declared.inputs)}")
+    masks = model.graph.output[OUTPUT_NAMES.index("masks")].type.tensor_type.elem_type
+    if onnx.helper.tensor_dtype_to_np_dtype(masks) != np.dtype(declared.mask_dtype):
+        raise RuntimeError(f"masks are {onnx.helper.tensor_dtype_to_np_dtype(masks)}, expected {declared.mask_dtype}")
     return model
 
 
@@ -204,7 +235,7 @@ def build_onnx(
     if config.inference.nms_kernel not in KERNELS:
         raise UserError(f"unknown Matrix NMS kernel '{config.inference.nms_kernel}' in the config (use {KERNELS})")
     module = DeployableSOLOv2(model.eval(), config.inference, config.model.strides).eval()
-    proto = onnx_function.attach_function(trace_to_onnx(module, size, simplify))
+    proto = onnx_function.attach_function(trace_to_onnx(module, size, simplify, graph_variant(config).inputs))
     name_dynamic_dims(proto)
     props = {p.key: p.value for p in proto.metadata_props}
     onnx.helper.set_model_props(proto, {**props, **model_metadata(config, metadata, size, checkpoint)})

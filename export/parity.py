@@ -1,7 +1,11 @@
 """Do two runtimes give the same detections? Graph-contract outputs of a batch compared image by image, as sets.
 
 Detections are matched greedily by mask IoU (same label only), because two correct runtimes may order near-equal
-scores differently, or swap which of two near-equal candidates is the K-th. numpy only, so every runtime (PyTorch,
+scores differently, or swap which of two near-equal candidates is the K-th. Probability masks (``freesolo.masks``
+probability) are binarised first, both sides the same way: at ``mask_thr``, as the graph binarises its binary masks,
+so their IoU is the IoU of the masks the binary contract would carry. Their continuous values need no tolerance of
+their own: they are the sigmoid of a 1x1 convolution of the raw heads, which ``compare_heads`` compares element by
+element. numpy only, so every runtime (PyTorch,
 ONNX Runtime, TensorRT, Triton) is compared with the same code (``freesolo parity`` reuses it).
 """
 
@@ -60,6 +64,11 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1.0), 0.0)
 
 
+def binary_masks(masks: np.ndarray, mask_thr: float) -> np.ndarray:
+    """bool masks of the contract's ``masks``: binary uint8 as they are, float32 probabilities above ``mask_thr``."""
+    return masks > (mask_thr if np.issubdtype(masks.dtype, np.floating) else 0)
+
+
 def greedy_match(iou: np.ndarray, same_label: np.ndarray) -> list[tuple[int, int]]:
     """Pairs (i, j), best IoU first, each detection used once, same label and IoU > 0 only. Low-IoU pairs are
     kept, so that a mask that moved is reported as a low IoU rather than as two unmatched detections."""
@@ -74,10 +83,13 @@ def greedy_match(iou: np.ndarray, same_label: np.ndarray) -> list[tuple[int, int
     return pairs
 
 
-def compare_image(reference: Outputs, candidate: Outputs, index: int, tolerance: Tolerance) -> ImageParity:
-    """Compare image ``index`` of two batches of contract outputs."""
+def compare_image(
+    reference: Outputs, candidate: Outputs, index: int, tolerance: Tolerance, mask_thr: float = 0.5
+) -> ImageParity:
+    """Compare image ``index`` of two batches of contract outputs (probability masks binarised at ``mask_thr``)."""
     na, nb = int(reference["num_dets"][index]), int(candidate["num_dets"][index])
-    masks_a, masks_b = reference["masks"][index, :na] > 0, candidate["masks"][index, :nb] > 0
+    masks_a = binary_masks(reference["masks"][index, :na], mask_thr)
+    masks_b = binary_masks(candidate["masks"][index, :nb], mask_thr)
     labels_a, labels_b = reference["labels"][index, :na], candidate["labels"][index, :nb]
     iou = mask_iou(masks_a, masks_b)
     pairs = greedy_match(iou, labels_a[:, None] == labels_b[None, :])
@@ -103,13 +115,15 @@ def compare_image(reference: Outputs, candidate: Outputs, index: int, tolerance:
     return result
 
 
-def compare_outputs(reference: Outputs, candidate: Outputs, tolerance: Tolerance | None = None) -> list[ImageParity]:
+def compare_outputs(
+    reference: Outputs, candidate: Outputs, tolerance: Tolerance | None = None, mask_thr: float = 0.5
+) -> list[ImageParity]:
     """Every image of two batches of contract outputs (same batch size), compared as detection sets."""
     tolerance = tolerance or Tolerance()
     batch = len(reference["num_dets"])
     if len(candidate["num_dets"]) != batch:
         raise ValueError(f"batch sizes differ: {batch} vs {len(candidate['num_dets'])}")
-    return [compare_image(reference, candidate, i, tolerance) for i in range(batch)]
+    return [compare_image(reference, candidate, i, tolerance, mask_thr) for i in range(batch)]
 
 
 def summary(results: list[ImageParity]) -> str:

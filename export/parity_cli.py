@@ -31,8 +31,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
-from export.onnx_inputs import session_options
+from export.graph_contract import OUTPUT_NAMES, variant
+from export.onnx_inputs import check_inputs, graph_feeds, image_sizes, run_session, session_options
 from export.parity import HeadParity, ImageParity, Tolerance, compare_heads, compare_image
 from export.tensorrt_build import read_onnx
 from training.data.images import list_images, read_rgb
@@ -128,30 +128,41 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def batches(files: list[Path], policy: InputPolicy, batch_size: int) -> list[tuple[list[Path], torch.Tensor]]:
-    """Images prepared as serving prepares them, in batches of one canvas each (``training.geometry``)."""
-    items = [(file, prepare_image(read_rgb(file), policy)[0]) for file in files]
+def batches(
+    files: list[Path], policy: InputPolicy, batch_size: int
+) -> list[tuple[list[Path], torch.Tensor, np.ndarray]]:
+    """Images prepared as serving prepares them, in batches of one canvas each (``training.geometry``), with each
+    image's size inside its canvas (int32 [B, 2])."""
+    items = [(file, *prepare_image(read_rgb(file), policy)) for file in files]
     return [
-        ([file for file, _ in batch], torch.from_numpy(np.stack([inputs for _, inputs in batch])))
+        (
+            [file for file, _, _ in batch],
+            torch.from_numpy(np.stack([inputs for _, inputs, _ in batch])),
+            image_sizes([geometry for _, _, geometry in batch]),
+        )
         for batch in same_canvas_batches(items, lambda item: item[1].shape[1:], batch_size)
     ]
 
 
 class PyTorchRunner:
-    """``Predictor.detections`` with a forward hook keeping the raw head outputs of the same forward pass."""
+    """``Predictor.detections`` with a forward hook keeping the raw head outputs of the same forward pass. Its masks
+    are what the model's export carries: the probabilities for a ``resize_soft_masks`` model."""
 
     def __init__(self, checkpoint: Path) -> None:
         self.predictor = Predictor.from_checkpoint(checkpoint)
         self.levels = len(self.predictor.config.model.strides)
 
-    def run(self, images: torch.Tensor) -> tuple[Arrays, Arrays]:
+    def run(self, images: torch.Tensor, sizes: np.ndarray) -> tuple[Arrays, Arrays]:
         raw: list[SOLOv2Output] = []
         hook = self.predictor.model.register_forward_hook(lambda _module, _inputs, output: raw.append(output))
         try:
-            dets, _ = self.predictor.detections(images)
+            dets, _ = self.predictor.detections(images, sizes=torch.from_numpy(sizes))
         finally:
             hook.remove()
-        return {name: getattr(dets, name).numpy() for name in OUTPUT_NAMES}, torch_heads(raw[0])
+        outputs = {name: getattr(dets, name).numpy() for name in OUTPUT_NAMES}
+        if self.predictor.config.inference.resize_soft_masks:
+            outputs["masks"] = dets.soft_masks.numpy()
+        return outputs, torch_heads(raw[0])
 
 
 class OnnxRunner:
@@ -159,21 +170,24 @@ class OnnxRunner:
 
     def __init__(self, path: Path, levels: int) -> None:
         model = read_onnx(path)
-        self.policy = InputPolicy.from_metadata({p.key: p.value for p in model.metadata_props})
+        props = {p.key: p.value for p in model.metadata_props}
+        self.policy = InputPolicy.from_metadata(props)
+        declared = variant(props, str(path))
         try:
             self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"ONNX Runtime cannot load {path}: {' '.join(str(error).split())}") from None
+        check_inputs(self.session, declared.inputs, path)
         self.tensors = head_tensors(model, levels)
         self.heads = head_session(model, self.tensors) if self.tensors else None
 
-    def run(self, images: np.ndarray) -> Arrays:
-        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}), strict=True))
+    def run(self, images: np.ndarray, sizes: np.ndarray) -> Arrays:
+        return run_session(self.session, images, sizes)
 
-    def run_heads(self, images: np.ndarray) -> Arrays | None:
+    def run_heads(self, images: np.ndarray, sizes: np.ndarray) -> Arrays | None:
         if self.heads is None:
             return None
-        values = self.heads.run(list(self.tensors.values()), {INPUT_NAME: images})
+        values = self.heads.run(list(self.tensors.values()), graph_feeds(self.heads, images, sizes))
         return dict(zip(self.tensors, values, strict=True))
 
 
@@ -235,7 +249,7 @@ def run_parity(
         engine = TensorRTModel(trt_plan, plugin_lib)
     reference = PyTorchRunner(checkpoint)
     onnx_runner = OnnxRunner(onnx_path, reference.levels)
-    runtimes: list[tuple[str, Callable[[np.ndarray], Arrays]]] = [("onnxruntime", onnx_runner.run)]
+    runtimes: list[tuple[str, Callable[[np.ndarray, np.ndarray], Arrays]]] = [("onnxruntime", onnx_runner.run)]
     if engine is not None:
         runtimes.append(("tensorrt", engine.run))
     policy = onnx_runner.policy
@@ -252,17 +266,18 @@ def run_parity(
 
     rows: list[Row] = []
     names = display_names(files)
-    for chunk, batch in batches(files, policy, batch_size):
-        expected, expected_heads = reference.run(batch)
+    mask_thr = reference.predictor.config.inference.mask_thr
+    for chunk, batch, sizes in batches(files, policy, batch_size):
+        expected, expected_heads = reference.run(batch, sizes)
         inputs = batch.numpy()
-        onnx_heads = onnx_runner.run_heads(inputs)
+        onnx_heads = onnx_runner.run_heads(inputs, sizes)
         for runtime, run in runtimes:
-            got = run(inputs)
+            got = run(inputs, sizes)
             for i, file in enumerate(chunk):
                 heads = None
                 if runtime == "onnxruntime" and onnx_heads is not None:
                     heads = compare_heads(expected_heads, onnx_heads, i, tolerance)
-                detections = compare_image(expected, got, i, tolerance)
+                detections = compare_image(expected, got, i, tolerance, mask_thr)
                 rows.append(Row(names[file], tuple(batch.shape[-2:]), runtime, detections, heads))
 
     for line in format_table(rows):

@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from export.graph_contract import INPUT_NAME
 from triton_plugins.matrix_nms import onnx_function
 
 QUANTIZED_OPS = ("Conv",)
@@ -32,14 +31,16 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 class _Images(CalibrationDataReader):
-    """Feeds the calibration inputs one at a time (ORT's reader protocol: None when exhausted)."""
+    """Feeds the calibration inputs one at a time (ORT's reader protocol: None when exhausted), each with the feeds
+    the graph takes (``image_sizes`` only where it has that input)."""
 
-    def __init__(self, inputs: list[np.ndarray]) -> None:
+    def __init__(self, inputs: list[dict[str, np.ndarray]], names: list[str]) -> None:
         self._inputs = iter(inputs)
+        self._names = names
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        image = next(self._inputs, None)
-        return None if image is None else {INPUT_NAME: image}
+        feeds = next(self._inputs, None)
+        return None if feeds is None else {name: feeds[name] for name in self._names}
 
 
 @contextmanager
@@ -58,8 +59,11 @@ def _without_preprocess_hint() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def quantize_int8(model: onnx.ModelProto, calibration: list[np.ndarray], per_channel: bool = True) -> onnx.ModelProto:
-    """The QDQ int8 version of a checked contract graph; ``calibration`` holds uint8 [1, 3, H, W] inputs."""
+def quantize_int8(
+    model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]], per_channel: bool = True
+) -> onnx.ModelProto:
+    """The QDQ int8 version of a checked contract graph; ``calibration`` holds the feeds of batches of one
+    (``export.onnx_inputs.calibration_images``: uint8 [1, 3, H, W] images and int32 [1, 2] image sizes)."""
     if not calibration:
         raise ValueError("no calibration inputs")
     work = onnx.ModelProto()
@@ -70,7 +74,7 @@ def quantize_int8(model: onnx.ModelProto, calibration: list[np.ndarray], per_cha
             quantize_static(
                 work,
                 out,
-                _Images(calibration),
+                _Images(calibration, [value.name for value in model.graph.input]),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANTIZED_OPS),
                 per_channel=per_channel,

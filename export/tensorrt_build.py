@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from export.graph_contract import INPUT_NAME
+from export.graph_contract import INPUT_NAME, SIZES_NAME
 from training.errors import UserError
 from training.fileio import atomic_write
 from training.geometry import SIZE_DIVISOR, round_up
@@ -130,6 +130,11 @@ class Profile:
 
     def describe(self) -> str:
         return " / ".join("x".join(str(d) for d in shape) for shape in (self.min, self.opt, self.max))
+
+    def sizes_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Min / opt / max shapes of ``image_sizes`` [B, 2] (a ``pad_normalized`` model's second input): the same
+        batches."""
+        return tuple((shape[0], 2) for shape in (self.min, self.opt, self.max))
 
 
 def input_dims(model: onnx.ModelProto) -> list[int | None]:
@@ -265,6 +270,8 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, profile_shapes.min, profile_shapes.opt, profile_shapes.max)
+    if any(value.name == SIZES_NAME for value in model.graph.input):
+        profile.set_shape(SIZES_NAME, *profile_shapes.sizes_shapes())
     config.add_optimization_profile(profile)
 
     where = "fused plugin" if has_plugin_layer(trt, network) else "ONNX function body"

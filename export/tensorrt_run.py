@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.graph_contract import INPUT_NAME, OUTPUT_NAMES
+from export.graph_contract import INPUT_NAME, OUTPUT_NAMES, SIZES_NAME
+from export.onnx_inputs import check_image_sizes
 from export.tensorrt_build import check_plugin_library, import_tensorrt, load_plugin
 from training.errors import UserError
 
@@ -52,6 +53,7 @@ class TensorRTModel:
         missing = {INPUT_NAME, *OUTPUT_NAMES} - names
         if missing:
             raise UserError(f"{plan} does not follow the graph contract: no tensor(s) {', '.join(sorted(missing))}")
+        self.takes_sizes = SIZES_NAME in names  # a pad_normalized model's engine
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         dtype = self.engine.get_tensor_dtype(name)
@@ -60,8 +62,9 @@ class TensorRTModel:
                 return torch_dtype
         raise UserError(f"engine tensor '{name}' has an unsupported type {dtype}")
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [B, 3, H, W] -> the contract outputs by name (numpy, on the host)."""
+    def run(self, images: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [B, 3, H, W] whose images fill ``sizes`` [B, 2] of their canvas -> the contract outputs by name
+        (numpy, on the host); the sizes go in only where the engine takes them."""
         device_input = torch.from_numpy(np.ascontiguousarray(images)).cuda().to(self._torch_dtype(INPUT_NAME))
         if not self.context.set_input_shape(INPUT_NAME, tuple(device_input.shape)):
             low, _, high = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
@@ -69,12 +72,15 @@ class TensorRTModel:
                 f"input shape {tuple(device_input.shape)} is outside the engine's profile ({tuple(low)} to "
                 f"{tuple(high)}): rebuild with larger --max-batch/--max-size, or use a smaller --batch-size"
             )
+        inputs = {INPUT_NAME: device_input}
+        if self.takes_sizes:
+            inputs[SIZES_NAME] = torch.from_numpy(check_image_sizes(sizes, images)).cuda()
+            self.context.set_input_shape(SIZES_NAME, tuple(inputs[SIZES_NAME].shape))
         outputs: dict[str, Any] = {}
         for name in OUTPUT_NAMES:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-        self.context.set_tensor_address(INPUT_NAME, device_input.data_ptr())
-        for name, tensor in outputs.items():
+        for name, tensor in {**inputs, **outputs}.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):

@@ -39,6 +39,7 @@ CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT32": "TYPE_INT32", "FP32": "TYPE_FP3
 # Between the steps (inside the server only): what preprocess hands to the model and to postprocess.
 GEOMETRY = "geometry"  # INT32 [4]: original height, width; resized height, width (before padding)
 GEOMETRY_TAG = "geometry_tag"  # UINT8 [16]: preprocess's HMAC of the geometry, checked by postprocess (step_guard)
+# and export.graph_contract.SIZES_NAME, INT32 [2]: resized height, width, to the model step of a model that takes them
 
 # Limits on each image a request carries; larger ones get a per-request error, never a crash.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

@@ -4,9 +4,11 @@ A fixed-size model is served at its own H x W. A dynamic model is served dynamic
 canvas, as ``freesolo predict`` sees it), or at ``--height/--width`` when given. K, the input-size policy and the
 class names come from the model's metadata.
 
-Everything read from the model file is data: each value is type- and range-checked (``model_metadata``), the
-templates take only integers, and every string (class names, paths) reaches config.pbtxt as a typed protobuf field
-printed by ``text_format``, so no metadata can add config syntax (a parameter, a second model).
+Everything read from the model file is data: each value is type- and range-checked (``read_model``; the model's
+variant, ``export.graph_contract.variant``, is one of a closed set), the templates take only integers and the fixed
+fragments of this module that the variant selects (``TEMPLATE_FRAGMENTS``), and every string (class names, paths)
+reaches config.pbtxt as a typed protobuf field printed by ``text_format``, so no metadata can add config syntax (a
+parameter, a second model).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from export.graph_contract import INPUT_NAME
-from serving.contract import ENSEMBLE, MAX_IMAGE_SIDE, MODEL, POSTPROCESS, PREPROCESS
+from export.graph_contract import DEFAULT_VARIANT, INPUT_NAME, SIZES_NAME, Variant, variant
+from serving.contract import CONFIG_TYPES, ENSEMBLE, MAX_IMAGE_SIDE, MODEL, POSTPROCESS, PREPROCESS
 from serving.server_binary import check_backend_path
 from serving.step_guard import TAG_BYTES, write_key
 from training.errors import UserError
@@ -43,6 +45,15 @@ MAX_CLASSES = 10_000
 MAX_NAME_CHARS = 200
 MAX_CATEGORY_ID = 2**31 - 1
 DIGITS = re.compile(r"[0-9]{1,9}")
+# The only text a template takes besides integers, chosen by the model's variant (never text from the model file):
+# the masks' Triton type (Variant.mask_dtype -> config type), and, for a model that takes image sizes, these
+# fragments (empty otherwise: Triton refuses an ensemble tensor nobody reads).
+MASK_CONFIG_TYPES = {"uint8": CONFIG_TYPES["UINT8"], "float32": CONFIG_TYPES["FP32"]}
+SIZES_FRAGMENTS = {
+    "SIZES_INPUT": f',\n  {{ name: "{SIZES_NAME}" data_type: {CONFIG_TYPES["INT32"]} dims: [ 2 ] }}',  # model step
+    "SIZES_FROM_PREPROCESS": f'\n      output_map {{ key: "{SIZES_NAME}" value: "{SIZES_NAME}" }}',  # ensemble
+    "SIZES_TO_MODEL": f'\n      input_map {{ key: "{SIZES_NAME}" value: "{SIZES_NAME}" }}',  # ensemble
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class ServedModel:
     category_ids: list[int]
     resize_filter: str = "antialias"  # InputConfig.resize_filter and resize_rounding; absent from older exports'
     resize_rounding: str = "half_even"  # metadata
+    variant: Variant = DEFAULT_VARIANT  # probability masks, image sizes as a second input (export.graph_contract)
 
     @property
     def dynamic(self) -> bool:
@@ -139,6 +151,9 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
     k_text = props["freesolo.max_per_img"]
     k = bounded_int(int(k_text) if DIGITS.fullmatch(k_text) else k_text, f"{path}: metadata freesolo.max_per_img",
                     1, MAX_DETECTIONS)  # fmt: skip
+    declared = variant(props, str(path))
+    if list(inputs) != list(declared.inputs):
+        raise UserError(f"{path}: the graph's inputs {list(inputs)} are not the {list(declared.inputs)} it declares")
     dims = [d.dim_value or None for d in inputs[INPUT_NAME].type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise UserError(f"{path}: input {INPUT_NAME} has rank {len(dims)}, expected [batch, 3, height, width]")
@@ -150,7 +165,16 @@ def read_model(path: Path, height: int | None = None, width: int | None = None) 
         unknown = f"resize filter {resize_filter!r}, rounding {resize_rounding!r}"
         raise UserError(f"{path}: unknown {unknown} in its metadata (known: {RESIZE_FILTERS}, {SIZE_ROUNDINGS})")
     served = ServedModel(
-        height, width, k, sizes["test_size"], sizes["max_size"], names, category_ids, resize_filter, resize_rounding
+        height,
+        width,
+        k,
+        sizes["test_size"],
+        sizes["max_size"],
+        names,
+        category_ids,
+        resize_filter,
+        resize_rounding,
+        declared,
     )
     if served.max_side > MAX_SERVED_SIDE:
         raise UserError(f"{path}: max_size {served.max_size} is too large to serve dynamic; give --height/--width")
@@ -177,8 +201,10 @@ def served_size(path: Path, model_dims: list[int | None], asked: tuple[int | Non
     return int(height), int(width)  # type: ignore[arg-type]
 
 
-def template_values(model: ServedModel, settings: Settings) -> dict[str, int | list[int]]:
-    """The templates' ``${NAME}`` placeholders: integers only, so a template fills with numbers and nothing else."""
+def template_values(model: ServedModel, settings: Settings) -> dict[str, int | list[int] | str]:
+    """The templates' ``${NAME}`` placeholders: integers, and the fragments of this module the model's variant
+    selects, so a template fills with numbers and this module's own text, nothing else."""
+    takes_sizes = SIZES_NAME in model.variant.inputs
     return {
         "MAX_BATCH": settings.max_batch,
         "PREFERRED": sorted({max(1, settings.max_batch // 2), settings.max_batch}),
@@ -191,6 +217,8 @@ def template_values(model: ServedModel, settings: Settings) -> dict[str, int | l
         "MODEL_INSTANCES": settings.instances,
         "IO_INSTANCES": settings.io_instances,
         "TAG_BYTES": TAG_BYTES,
+        "MASK_TYPE": MASK_CONFIG_TYPES[model.variant.mask_dtype],
+        **{name: text if takes_sizes else "" for name, text in SIZES_FRAGMENTS.items()},
     }
 
 
@@ -215,7 +243,7 @@ def step_parameters(template: str, model: ServedModel, settings: Settings) -> di
     return parameters
 
 
-def config_text(template: Path, values: dict[str, int | list[int]], parameters: dict[str, str]) -> str:
+def config_text(template: Path, values: dict[str, int | list[int] | str], parameters: dict[str, str]) -> str:
     """A template config with its integer placeholders filled and ``parameters`` appended as printed by protobuf's
     text_format (which escapes every string); parsed back to check it holds exactly these parameters."""
     from google.protobuf import text_format

@@ -1,7 +1,9 @@
 """`freesolo import-weights` against mmdetection's own SOLOv2 (mmdet 3.3, the dev extra): random-weight R50 and
 SOLOv2-light R18 models built by mmdetection are saved as mmdetection checkpoints, imported, and must compute what
 mmdetection computes: the raw head outputs on the same input, and `freesolo predict` against mmdetection's
-`predict` on real photographs at their own sizes, batch 1 and 3.
+`predict` on real photographs at their own sizes, batch 1 and 3. The imported light model then exports (dynamic and
+fixed-size: a graph with the ``image_sizes`` input and probability masks), passes `freesolo parity`, and serves
+through a real tritonserver what `freesolo predict` predicts.
 
 mmcv-lite lacks the compiled ``mmcv._ext``, which ``import mmdet.models`` pulls in through ``mmcv.ops``; none of
 the modules SOLOv2 uses calls it, so a stand-in whose every function raises is enough (and proves they do not)."""
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,12 @@ import torch
 from google.protobuf import text_format
 from PIL import Image
 from pycocotools import mask as mask_utils
+from test_served_equals_predicted import assert_equal_detections, infer, needs_server, predict
 from tritonclient.grpc import model_config_pb2
 
+from export.graph_contract import Variant
+from export.onnx_inputs import OnnxModel
+from serving.launcher import ServerState
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.cli import main
 
@@ -276,24 +284,45 @@ def test_predict_matches_mmdetection_on_photographs(imported, batch_size: int, t
     assert total >= 20  # the comparison is not vacuous
 
 
+FIXED_CANVAS = (96, 160)  # the fixed-size export: every test image is fitted into it with padding left over
+
+
+@dataclass(frozen=True)
+class LightExport:
+    """The imported light model, its dynamic and fixed-size ONNX exports and the photographs as PNG files."""
+
+    checkpoint: Path
+    onnx: dict[str, Path]  # "dynamic", "fixed"
+    files: list[Path]
+
+
 @pytest.fixture(scope="module")
-def light_export(mmdet_registry: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
-    """The imported light model, its dynamic ONNX export and the photographs as PNG files."""
+def light_export(mmdet_registry: None, tmp_path_factory: pytest.TempPathFactory) -> LightExport:
     folder = tmp_path_factory.mktemp("light-export")
     _, checkpoint = import_variant("light-r18", folder)
-    onnx_path = folder / "imported.onnx"
-    export = ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx_path), "--dynamic", "--no-simplify"]
-    assert main(export) == 0
+    shapes = {"dynamic": ["--dynamic"], "fixed": ["--height", str(FIXED_CANVAS[0]), "--width", str(FIXED_CANVAS[1])]}
+    onnx_paths = {}
+    for kind, shape in shapes.items():
+        onnx_paths[kind] = folder / f"imported-{kind}.onnx"
+        export = ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx_paths[kind]), "--no-simplify"]
+        assert main([*export, *shape]) == 0
     files = []
     for name, load in PHOTOS.items():
         files.append(folder / f"{name}.png")
         Image.fromarray(load()).save(files[-1])
-    return checkpoint, onnx_path, files
+    return LightExport(checkpoint, onnx_paths, files)
 
 
-def test_imported_model_exports_and_passes_parity(light_export, capsys: pytest.CaptureFixture) -> None:
-    """The imported light model as one dynamic ONNX graph, against PyTorch on the photographs, two per batch."""
-    checkpoint, onnx_path, files = light_export
+@pytest.mark.parametrize("kind", ["dynamic", "fixed"])
+def test_imported_model_exports_and_passes_parity(
+    light_export: LightExport, kind: str, capsys: pytest.CaptureFixture
+) -> None:
+    """The imported light model as one ONNX graph that pads and resizes masks as upstream does (image sizes in,
+    probability masks out), against PyTorch on the photographs, two per batch."""
+    checkpoint, onnx_path, files = light_export.checkpoint, light_export.onnx[kind], light_export.files
+    model = OnnxModel(onnx_path)
+    assert model.variant == Variant("probability", "normalized")
+    assert [value.name for value in model.session.get_inputs()] == ["images", "image_sizes"]
     capsys.readouterr()
     arguments = ["--checkpoint", str(checkpoint), "--onnx", str(onnx_path), "--batch-size", "2", *map(str, files)]
     code = main(["parity", *arguments])
@@ -304,11 +333,35 @@ def test_imported_model_exports_and_passes_parity(light_export, capsys: pytest.C
     assert len(compared) == 3 and all(int(pair.split("/")[0]) > 0 for pair in compared)  # detections compared
 
 
-def test_served_preprocessing_gets_the_imported_filter(light_export, tmp_path: Path) -> None:
+def test_served_preprocessing_gets_the_imported_filter(light_export: LightExport, tmp_path: Path) -> None:
     """`serve prepare` carries the model's resize filter into the Triton preprocess step's config."""
-    _, onnx_path, _ = light_export
+    onnx_path = light_export.onnx["dynamic"]
     assert main(["serve", "prepare", "--onnx", str(onnx_path), "--repo", str(tmp_path / "repo")]) == 0
     config = text_format.Parse(
         (tmp_path / "repo" / "preprocess" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
     assert config.parameters["resize_filter"].string_value == "opencv"
+
+
+@needs_server
+@pytest.mark.parametrize("kind", ["dynamic", "fixed"])
+def test_imported_model_serves_what_predict_predicts(
+    light_export: LightExport,
+    kind: str,
+    start_triton: Callable[..., ServerState],
+    synth_data: Path,
+    tmp_path: Path,
+) -> None:
+    """Through a real tritonserver (image sizes routed from preprocess to the model, probability masks to
+    postprocess), a non-square photograph and a synthetic scene get `freesolo predict`'s detections: every one
+    matched, mask IoU >= 0.98, score within 1e-3, same label. Both images leave padding on their canvas, where the
+    two ways of padding differ."""
+    files = [light_export.files[list(PHOTOS).index("coffee")], sorted((synth_data / "val").glob("*.png"))[0]]
+    server = start_triton(light_export.onnx[kind])
+    try:
+        served = infer(server.grpc_url, files, tmp_path / "served.json")
+    finally:
+        main(["serve", "stop", "--repo", str(Path(server.log).parent)])
+    canvas = ["--height", str(FIXED_CANVAS[0]), "--width", str(FIXED_CANVAS[1])] if kind == "fixed" else []
+    predicted = predict(light_export.checkpoint, files, tmp_path / "predicted.json", *canvas)
+    assert_equal_detections(predicted, served, files)

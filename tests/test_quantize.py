@@ -126,7 +126,10 @@ def test_int8_runs_in_a_plain_session_and_finds_what_fp32_finds(
 
 def test_calibration_images_follow_the_input_policy(synth_data: Path) -> None:
     inputs = calibration_images(synth_data / "train", 3, POLICY)
-    assert len(inputs) == 3 and all(x.shape == (1, 3, 128, 128) and x.dtype == np.uint8 for x in inputs)
+    assert len(inputs) == 3 and all(
+        x["images"].shape == (1, 3, 128, 128) and x["images"].dtype == np.uint8 for x in inputs
+    )
+    assert all(x["image_sizes"].tolist() == [[128, 128]] and x["image_sizes"].dtype == np.int32 for x in inputs)
     assert len(calibration_images(synth_data / "train", 100, POLICY)) == 8  # at most the folder's images
     tensor, geometry = prepare_image(skimage.data.astronaut(), InputPolicy(64, 96, False, 128, 224))  # 512 x 512
     assert tuple(tensor.shape) == (3, 64, 96) and (geometry.resized_height, geometry.resized_width) == (64, 64)

@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2
 
+from export.onnx_inputs import OnnxModel
 from serving.contract import CONFIG_TYPES, ENSEMBLE, INPUT, OUTPUTS
 from serving.repository import Settings, prepare_repository
 from serving.step_guard import KEY_FILE
@@ -35,12 +36,16 @@ def stand_in_onnx(
     metadata: bool = True,
     overrides: dict[str, str] | None = None,
     external: str | None = None,
+    sizes: bool = False,
 ) -> Path:
-    """An ONNX file with the contract's input and a freesolo metadata block (K = 7), metadata ``overrides``, and an
-    initializer stored at the external-data ``location`` given as ``external``."""
-    images = helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 3, height, width])
+    """An ONNX file with the contract's input (and the ``image_sizes`` input when ``sizes``) and a freesolo metadata
+    block (K = 7), metadata ``overrides``, and an initializer stored at the external-data ``location`` given as
+    ``external``."""
+    inputs = [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 3, height, width])]
+    if sizes:
+        inputs.append(helper.make_tensor_value_info("image_sizes", TensorProto.INT32, ["batch", 2]))
     out = helper.make_tensor_value_info("num_dets", TensorProto.UINT8, ["batch", 3, height, width])
-    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["num_dets"])], "g", [images], [out])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["num_dets"])], "g", inputs, [out])
     if external is not None:
         weights = numpy_helper.from_array(np.arange(4, dtype=np.float32), "weights")
         weights.ClearField("raw_data")
@@ -78,8 +83,15 @@ def tensors(entries: list) -> dict[str, tuple[int, list[int]]]:
     return {t.name: (t.data_type, list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)) for t in entries}
 
 
+UPSTREAM = {"freesolo.masks": "probability", "freesolo.padding": "normalized"}  # an imported model's variant
+
+
+@pytest.mark.parametrize("upstream", [False, True], ids=["binary", "upstream"])
 @pytest.mark.parametrize("backend", ["python", "onnxruntime", "tensorrt"])
-def test_each_flavour_parses_and_the_ensemble_is_wired(stand_in: Path, tmp_path: Path, backend: str) -> None:
+def test_each_flavour_parses_and_the_ensemble_is_wired(tmp_path: Path, backend: str, upstream: bool) -> None:
+    """Every flavour, for a model of the default variant and for one that pads and resizes masks as upstream does:
+    image sizes go from preprocess to the model step, probability masks from the model to postprocess."""
+    stand_in = stand_in_onnx(tmp_path / "fixed.onnx", overrides=UPSTREAM if upstream else None, sizes=upstream)
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"engine")
     settings = Settings(backend=backend, max_batch=4, instances=2, io_instances=3)
@@ -94,8 +106,11 @@ def test_each_flavour_parses_and_the_ensemble_is_wired(stand_in: Path, tmp_path:
     assert all(c.max_batch_size == 4 for c in configs.values())
     assert list(model.dynamic_batching.preferred_batch_size) == [2, 4]
     assert not configs["preprocess"].HasField("dynamic_batching")  # a malformed request must not fail its batch
-    assert tensors(model.input)["images"] == (model_config_pb2.TYPE_UINT8, [3, 128, 96])
-    assert tensors(model.output)["masks"] == (model_config_pb2.TYPE_UINT8, [7, 32, 24])
+    sizes = {"image_sizes": (model_config_pb2.TYPE_INT32, [2])} if upstream else {}
+    assert tensors(model.input) == {"images": (model_config_pb2.TYPE_UINT8, [3, 128, 96]), **sizes}
+    mask_type = model_config_pb2.TYPE_FP32 if upstream else model_config_pb2.TYPE_UINT8
+    assert tensors(model.output)["masks"] == (mask_type, [7, 32, 24])
+    assert tensors(configs["postprocess"].input)["raw_masks"] == (mask_type, [7, 32, 24])
     model_file = {"python": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}[backend]
     assert (repo / "model" / "1" / model_file).is_file() and (repo / "freesolo" / "1").is_dir()
 
@@ -105,13 +120,17 @@ def test_each_flavour_parses_and_the_ensemble_is_wired(stand_in: Path, tmp_path:
               for s in OUTPUTS}  # fmt: skip
     assert tensors(ensemble.output) == wanted
     produced = tensors(ensemble.input)  # ensemble tensor name -> (dtype, dims), filled step by step
+    read = set()
     for step in ensemble.ensemble_scheduling.step:
         inputs, outputs = tensors(configs[step.model_name].input), tensors(configs[step.model_name].output)
+        assert set(step.input_map) == set(inputs), step.model_name  # every input of every step is fed
         for key, value in step.input_map.items():
             assert produced[value][0] == inputs[key][0], f"{step.model_name}.{key}"
+            read.add(value)
         for key, value in step.output_map.items():
             produced[value] = outputs[key]
     assert {name: produced[name] for name in wanted} == wanted
+    assert set(produced) - set(wanted) == read  # Triton refuses an ensemble tensor nobody reads
     parameters = {key: value.string_value for key, value in ensemble.parameters.items()}
     assert json.loads(parameters["class_names"]) == CLASSES
 
@@ -203,6 +222,9 @@ STEP_PARAMETERS = {
         ("freesolo.category_ids", json.dumps([1, INJECTION]), "category id must be an integer"),
         ("freesolo.class_names", json.dumps(["ok", "tab\there"]), "printable characters"),
         ("freesolo.class_names", json.dumps({"0": "a"}), "freesolo.class_names is not a JSON list"),
+        ("freesolo.masks", "soft", "metadata freesolo.masks is 'soft', not one of binary, probability; refusing"),
+        ("freesolo.padding", INJECTION, "metadata freesolo.padding is .*, not one of input, normalized; refusing"),
+        ("freesolo.padding", "normalized", r"inputs \['images'\] are not the \['images', 'image_sizes'\] it declares"),
     ],
 )
 def test_metadata_that_is_not_plain_data_is_refused(tmp_path: Path, key: str, value: str, message: str) -> None:
@@ -212,6 +234,17 @@ def test_metadata_that_is_not_plain_data_is_refused(tmp_path: Path, key: str, va
         prepare_repository(model, repo, Settings())
     assert "\n" not in str(error.value)  # one line
     assert not repo.exists()  # refused before anything was written
+
+
+def test_a_bad_masks_value_is_refused_by_every_reader(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``freesolo.masks`` names a dtype every consumer follows: `serve prepare` and the ONNX Runtime wrapper (what
+    parity, evaluation and benchmarks run) refuse a value outside the contract's set with one clear line."""
+    model = stand_in_onnx(tmp_path / "crafted.onnx", overrides={"freesolo.masks": "float16"})
+    message = "metadata freesolo.masks is 'float16', not one of binary, probability; refusing this model"
+    assert main(["serve", "prepare", "--onnx", str(model), "--repo", str(tmp_path / "repo")]) == 2
+    assert capsys.readouterr().err == f"freesolo serve: error: {model}: {message}\n"
+    with pytest.raises(UserError, match=message):
+        OnnxModel(model)
 
 
 def test_strings_from_the_model_reach_the_configs_as_data(tmp_path: Path) -> None:

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from export.onnx_inputs import check_image_sizes
 from serving.contract import MAX_IMAGE_BYTES
 from serving.detections import OutputError, image_outputs
 from serving.imaging import ImageError, decode_image
 from serving.python_models import RequestError, respond_each
 from training.data.images import read_rgb
 from training.data.transforms import to_tensor_image
+from training.errors import UserError
 from training.geometry import ImageGeometry, InputPolicy, prepare_image, resize_rgb
 from training.results import masks_to_original
 
@@ -200,3 +202,15 @@ def test_each_request_gets_its_own_answer_or_error() -> None:
     assert responses[1].error.message == "preprocess: image 1 of 2: empty image (0 bytes)"
     assert responses[2].error.code == "INTERNAL" and "KeyError" in responses[2].error.message
     assert responses[0].outputs[0][0] == "num_dets"
+
+
+def test_image_sizes_must_lie_inside_their_canvas() -> None:
+    """The model step's (and every runtime's) check of a ``pad_normalized`` model's ``image_sizes``: integers
+    [B, 2], each height 1 to H and width 1 to W of the images' canvas; anything else is one clear error."""
+    images = np.zeros((2, 3, 64, 96), np.uint8)
+    sizes = check_image_sizes(np.array([[64, 96], [1, 50]], np.int64), images)
+    assert sizes.dtype == np.int32 and sizes.tolist() == [[64, 96], [1, 50]]
+    for bad in ([[65, 96], [10, 10]], [[10, 10], [10, 97]], [[0, 5], [10, 10]], [[10, 10]], [[10.0, 10.0]] * 2):
+        with pytest.raises(UserError, match="image_sizes") as error:
+            check_image_sizes(np.array(bad), images)
+        assert "\n" not in str(error.value)

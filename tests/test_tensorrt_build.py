@@ -54,6 +54,7 @@ def test_profile_of_a_dynamic_model_defaults_to_its_metadata(dynamic_onnx: Path)
     assert profile == Profile((1, 3, 32, 32), (1, 3, 128, 128), (8, 3, 224, 224))
     custom = optimisation_profile(DYNAMIC, TINY_METADATA, (1, 2, 4), (None, (128, 192), (256, 320)))
     assert custom == Profile((1, 3, 32, 32), (2, 3, 128, 192), (4, 3, 256, 320))
+    assert custom.sizes_shapes() == ((1, 2), (2, 2), (4, 2))  # image_sizes of a pad_normalized model: same batches
 
 
 @pytest.mark.parametrize(

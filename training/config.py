@@ -43,8 +43,8 @@ class ModelConfig:
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     # Padding as mmdetection and detectron2 pad: zeros after normalisation (the mean colour) rather than black
-    # pixels. It needs each image's size (``SOLOv2.forward(images, sizes)``, which prediction and evaluation pass);
-    # a graph given only the padded images sees black padding. Imported upstream weights set it.
+    # pixels. It needs each image's size (``SOLOv2.forward(images, sizes)``, which prediction and evaluation pass; an
+    # exported graph takes them as its ``image_sizes`` input). Imported upstream weights set it.
     pad_normalized: bool = False
 
 
@@ -108,9 +108,9 @@ class InferenceConfig:
     max_per_img: int = 100
     nms_kernel: str = DEFAULT_KERNEL
     nms_sigma: float = DEFAULT_SIGMA
-    # Upstream resizes each kept mask's probabilities to the image and thresholds there; the graph contract
+    # Upstream resizes each kept mask's probabilities to the image and thresholds there; the binary contract
     # thresholds at stride 4 first (binary masks), which moves boundaries by up to half a stride-4 cell. True makes
-    # PyTorch prediction resize the probabilities (imported upstream weights set it); exported graphs stay binary.
+    # prediction resize the probabilities (imported upstream weights set it); the exported graph then returns them.
     resize_soft_masks: bool = False
 
 

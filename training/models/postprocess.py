@@ -25,9 +25,9 @@ from training.ops.matrix_nms import MaskNms
 class Detections(NamedTuple):
     """Fixed-K detections of a batch: the five graph-contract outputs, then ``cells``, which grid cell (index over
     all levels, in ``flatten_levels`` order) produced each detection, and ``soft_masks``, the probabilities the
-    binary masks were thresholded from. Those two stay in PyTorch (self-training reads the teacher's embeddings
-    at ``cells``; ``InferenceConfig.resize_soft_masks`` resizes ``soft_masks``); the exported graph returns only
-    the contract."""
+    binary masks were thresholded from. Self-training reads the teacher's embeddings at ``cells``;
+    ``InferenceConfig.resize_soft_masks`` resizes ``soft_masks``, which the exported graph of such a model returns as
+    its ``masks`` (the graph contract's probability variant)."""
 
     num_dets: torch.Tensor  # int32 [B]
     scores: torch.Tensor  # float32 [B, K]
@@ -35,7 +35,7 @@ class Detections(NamedTuple):
     boxes: torch.Tensor  # float32 [B, K, 4] x1, y1, x2, y2 in input pixels
     masks: torch.Tensor  # uint8 [B, K, H/4, W/4]
     cells: torch.Tensor  # int64 [B, K]
-    soft_masks: torch.Tensor  # float32 [B, K, H/4, W/4]: the masks' probabilities (PyTorch only, like cells)
+    soft_masks: torch.Tensor  # float32 [B, K, H/4, W/4]: the masks' probabilities, zero past num_dets
 
 
 def point_nms(scores: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         masks = pb_utils.get_input_config_by_name(config, "raw_masks")["dims"]
         self.k, self.mask_size = int(masks[0]), tuple(int(d) for d in masks[1:])  # -1: a dynamic model's
+        # binary uint8 or float32 probabilities (freesolo.masks); masks_to_original thresholds either after resizing
+        data_type = pb_utils.get_input_config_by_name(config, "raw_masks")["data_type"]
+        self.mask_dtype = pb_utils.triton_string_to_numpy(data_type)
         self.max_mask_side = int(parameter(config, "max_side")) // MASK_STRIDE
         height, width = (size * MASK_STRIDE if size != -1 else -1 for size in self.mask_size)
         self.policy = input_policy(config, height, width)
@@ -46,7 +49,7 @@ class TritonPythonModel:
         num_dets = input_array(pb_utils, request, "raw_num_dets", np.int32, (1,))
         scores = input_array(pb_utils, request, "raw_scores", np.float32, (k,))
         labels = input_array(pb_utils, request, "raw_labels", np.int32, (k,))
-        masks = input_array(pb_utils, request, "raw_masks", np.uint8, (k, *self.mask_size), self.max_mask_side)
+        masks = input_array(pb_utils, request, "raw_masks", self.mask_dtype, (k, *self.mask_size), self.max_mask_side)
         geometry = input_array(pb_utils, request, GEOMETRY, np.int32, (4,))
         tags = input_array(pb_utils, request, GEOMETRY_TAG, np.uint8, (TAG_BYTES,))
         batch = {len(a) for a in (num_dets, scores, labels, masks, geometry, tags)}

@@ -1,5 +1,6 @@
-"""Triton python model ``preprocess``: encoded image bytes -> the model's uint8 input and each image's geometry,
-tagged for postprocess (``serving.step_guard``). Decoding is ``serving.imaging``'s (guarded); the resize and padding
+"""Triton python model ``preprocess``: encoded image bytes -> the model's uint8 input, each image's size inside its
+canvas (``image_sizes``, for a model that takes them) and each image's geometry, tagged for postprocess
+(``serving.step_guard``). Decoding is ``serving.imaging``'s (guarded); the resize and padding
 are ``training.geometry``'s, as everywhere.
 
 A fixed-size model gets every image on its H x W canvas. A dynamic one (dims -1) gets each image on its own canvas
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.graph_contract import SIZES_NAME
 from serving.contract import GEOMETRY, GEOMETRY_TAG, INPUT
 from serving.imaging import ImageError, decode_image
 from serving.python_models import Arrays, RequestError, input_array, input_policy, respond_each
@@ -55,4 +57,5 @@ class TritonPythonModel:
             "images": np.stack([pad_array(image, canvas) for image in inputs]),
             GEOMETRY: geometry_array,
             GEOMETRY_TAG: np.stack([geometry_tag(self.key, row) for row in geometry_array]),
+            SIZES_NAME: np.ascontiguousarray(geometry_array[:, 2:]),  # resized h, w: inside the canvas
         }
