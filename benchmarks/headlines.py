@@ -34,6 +34,23 @@ def latency_rows(report: dict[str, Any]) -> Rows:
     return rows
 
 
+def real_size_rows(report: dict[str, Any]) -> Rows:
+    rows = []
+    for preset in report["presets"]:
+        runtimes = preset["runtimes"]
+        speeds = ", ".join(
+            f"{name} {row['batch4']['images_per_s']:.2f} ({row['batch4']['speedup']:.2f}x)"
+            for name, row in runtimes.items()
+        )
+        verdicts = (
+            f"parity {'PASS' if preset['parity']['passed'] else 'FAIL'}, "
+            f"served = predicted {'PASS' if preset['serving']['passed'] else 'FAIL'}"
+        )
+        rows.append((f"{preset['preset']} at {preset['canvas']}, images/s at batch 4 (vs pytorch_fp32)", speeds))
+        rows.append((f"{preset['preset']} at {preset['canvas']}: exported graph checked", verdicts))
+    return rows
+
+
 def imaging_rows(report: dict[str, Any]) -> Rows:
     image, medians = report["image"], report["median_ms"]
     return [
@@ -130,6 +147,7 @@ def training_reliability_rows(report: dict[str, Any]) -> Rows:
 
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], Rows]] = {
     "latency": latency_rows,
+    "real_size": real_size_rows,
     "imaging": imaging_rows,
     "serving": serving_rows,
     "sweep": sweep_rows,

@@ -31,7 +31,7 @@ import skimage.data
 from PIL import Image
 
 from benchmarks.latency import interleaved_timings
-from benchmarks.reporting import machine, part_parser, utc_now, write_report
+from benchmarks.reporting import cpu_flags, machine, part_parser, utc_now, write_report
 from serving.imaging import decode_image
 from training.config import InputConfig
 from training.geometry import resize_rgb, resized_shape
@@ -40,19 +40,6 @@ STEM = "imaging"
 FULL_SIZE, FULL_RUNS = (5472, 7296), 6  # height, width: 39.9 megapixels, under the server's 40-megapixel limit
 QUICK_SIZE, QUICK_RUNS = (1224, 1632), 3
 JPEG_QUALITY = 90
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile")
-
-
-def cpu_flags() -> list[str]:
-    """The vector-instruction flags of /proc/cpuinfo that numpy's BLAS and Pillow's SIMD paths may use."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return []
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return [flag for flag in SIMD_FLAGS if flag in present]
-    return []
 
 
 def photograph_jpeg(height: int, width: int) -> bytes:

@@ -4,8 +4,9 @@ mask AP.
 Runtimes, batch 1, random weights (speed does not depend on what weights learned):
 
 - ``pytorch_fp32``: eager network + ``postprocess`` to the graph contract;
-- ``pytorch_bf16``: the same with the network under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (in software
-  where the CPU lacks bf16 instructions); post-processing (thresholds, Matrix NMS) stays fp32, as int8 keeps it float;
+- ``pytorch_bf16``: the same network in bf16 the fast way (``Bf16Network``: bf16 weights and input in channels_last,
+  not autocast; emulated where the CPU lacks bf16 instructions); post-processing (thresholds, Matrix NMS) stays fp32,
+  as int8 keeps it float;
 - ``ort_fp32`` and ``ort_int8``: ONNX Runtime's CPU provider with the project's session options
   (``export.onnx_inputs``), on ``export.onnx_export.build_onnx``
   and ``export.quantize.quantize_int8``. int8 of random weights is calibrated on one noise image: its ranges are
@@ -21,7 +22,7 @@ counted) and the achieved GFLOP/s (GFLOPs / p50 s, post-processing included in t
 The runtimes take turns in blocks (``interleaved_timings``) so that load from other processes hits them alike.
 The budget (4.5 minutes on a quiet 2-core machine) sets the counts: three exports with their int8 calibrations
 (about half of it), then per case 30/20/3/3 timed batch-1 runs per runtime and 6/4/0/0 batch-4 runs per ORT runtime
-(an r50 bf16 run alone takes 8-10 s; r50 gets no batch-4 runs). One thread under light load measured 384 s with
+(an r50 run takes seconds; r50 gets no batch-4 runs). One thread under light load measured 384 s with
 4 r50 runs; under load it takes much longer: see total_s.
 
 Accuracy: the trained bench model (``benchmarks.bench_model``, or the ``model`` given to ``run``) at its test size,
@@ -53,11 +54,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_model import BenchModel, ensure_bench_model
 from benchmarks.reporting import latency_summary, machine, part_parser, utc_now, write_report
+from benchmarks.torch_runtimes import Bf16Network, eager
 from export.graph_contract import INPUT_NAME, SIZES_NAME
 from export.onnx_export import BF16_UNSUPPORTED, InputSize, build_onnx, default_input_size, preset_model
 from export.onnx_inputs import OnnxModel, calibration_images, session_options
@@ -68,8 +69,6 @@ from training.evaluate import load_ground_truth
 from training.geometry import InputPolicy
 from training.inference import Predictor
 from training.models import SOLOv2
-from training.models.postprocess import postprocess
-from training.models.solov2 import SOLOv2Output
 from training.report import STAGE_KEYS, stage_row
 
 STEM = "latency"
@@ -103,24 +102,6 @@ def progress(message: str) -> None:
     print(f"[latency] {message}", file=sys.stderr, flush=True)
 
 
-class Bf16Network(nn.Module):
-    """A SOLOv2 whose forward runs under bf16 autocast and hands fp32 outputs to post-processing."""
-
-    def __init__(self, model: SOLOv2) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> SOLOv2Output:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = self.model(images, sizes)
-        return SOLOv2Output(
-            *(
-                field.float() if isinstance(field, torch.Tensor) else type(field)(t.float() for t in field)
-                for field in output
-            )
-        )
-
-
 def flops(model: SOLOv2, size: int) -> dict[str, int]:
     """FLOPs of one forward at batch 1, size x size, in total and per top-level part; counted on the meta device
     (shapes only, so r50 costs no real compute)."""
@@ -132,12 +113,16 @@ def flops(model: SOLOv2, size: int) -> dict[str, int]:
     return {"total": counter.get_total_flops(), **{part: by_module.get(f"{root}.{part}", 0) for part in FLOP_PARTS}}
 
 
-def interleaved_timings(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """``repeats`` timed calls (ms) of each function. The functions take turns in blocks of about 5-10 calls, each
-    opened by ``warmup`` untimed calls: turns share out the load of other processes, and the untimed calls absorb
-    the previous runtime's threads still spinning (ORT's and OpenMP's busy-wait after a run)."""
+def interleaved_timings(
+    functions: dict[str, Callable[[], Any]], repeats: int, warmup: int, blocks: int | None = None
+) -> dict[str, list[float]]:
+    """``repeats`` timed calls (ms) of each function. The functions take turns in ``blocks`` blocks (default: of
+    about 5-10 calls, at least 2), each opened by ``warmup`` untimed calls: turns share out the load of other
+    processes, and the untimed calls absorb the previous runtime's threads still spinning (ORT's and OpenMP's
+    busy-wait after a run). Calls of seconds each can take turns call by call (``blocks=repeats``, ``warmup=0``,
+    after one untimed first call of each function)."""
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    blocks = max(2, repeats // 10)
+    blocks = min(blocks, repeats) if blocks else max(2, repeats // 10)
     for block in range(blocks):
         count = repeats // blocks + (1 if block < repeats % blocks else 0)
         for name, function in functions.items():
@@ -171,14 +156,6 @@ def onnx_models(
         onnx.save_model(proto, str(path))
         paths[name] = (path, seconds)
     return paths
-
-
-def eager(network: nn.Module, config: Config, images: torch.Tensor) -> Callable[[], Any]:
-    @torch.inference_mode()
-    def call() -> Any:
-        return postprocess(network(images), config.inference, config.model.strides)
-
-    return call
 
 
 def timed_case(
@@ -333,7 +310,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"threads each; {report['date']}. Batch 1, ms over the runs given per case; runtimes take turns in blocks, "
         f"each opened by {report['warmup']} untimed run. images/s = 1000 / mean ms (batch 4: ORT at batch 4). "
         "GFLOP/s = the network's FLOPs per image / p50 (post-processing in the time, not in the FLOPs). "
-        "Speed-up: p50 ratio against the runtime in brackets. 1-minute load average "
+        "Speed-up: p50 ratio against the runtime in brackets. pytorch_bf16: bf16 weights and input in channels_last "
+        "(not autocast), post-processing in fp32. 1-minute load average "
         f"{report['load_1min_start']:.1f} at the start, {report['load_1min_end']:.1f} at the end (other processes "
         f"share the cores: compare ratios); {report['total_s']:.0f} s in all.",
     ]

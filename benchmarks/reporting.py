@@ -34,6 +34,37 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Vector and matrix instructions the runtimes here can use: numpy's BLAS, Pillow's SIMD paths and oneDNN's / ONNX
+# Runtime's kernels (AVX-512 fp32, VNNI int8 dot products, AVX512-BF16 and AMX tiles for bf16 and int8 matrices).
+CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``CPU_FLAGS`` /proc/cpuinfo lists (Linux; empty elsewhere): what a report's numbers were made with."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in CPU_FLAGS if flag in present]
+    return []
+
+
 def machine() -> str:
     """One line naming the machine, for the head of every report."""
     return f"{cpu_name()}, {os.cpu_count()} cores"

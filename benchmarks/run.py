@@ -36,6 +36,7 @@ class Part:
 
 PARTS = (
     Part("latency", "benchmarks.latency", "Latency and throughput: PyTorch eager, ONNX Runtime fp32/int8, bf16"),
+    Part("real_size", "benchmarks.real_size", "r50 and r101 at 800 x 1333: export, parity, serving, CPU runtimes"),
     Part("imaging", "benchmarks.imaging", "Decode and resize of a 40-megapixel JPEG against Pillow's"),
     Part("serving", "benchmarks.serving_latency", "Triton gRPC overhead against in-process ONNX Runtime"),
     Part("sweep", "benchmarks.serving_sweep", "Triton gRPC load: concurrency 1..8, shared memory on/off"),

@@ -90,10 +90,11 @@ def progress(text: str) -> None:
 
 
 @contextmanager
-def serving(onnx_path: Path, repo: Path, settings: Settings) -> Iterator[ServerState]:
-    """``serve prepare`` + ``serve start`` on free loopback ports; the server is stopped on the way out."""
+def serving(onnx_path: Path, repo: Path, settings: Settings, timeout: float = 120.0) -> Iterator[ServerState]:
+    """``serve prepare`` + ``serve start`` on free loopback ports (ready within ``timeout`` s); the server is stopped
+    on the way out."""
     prepare_repository(onnx_path, repo, settings)
-    state = start_server(repo, ports=free_ports(), log=progress)
+    state = start_server(repo, ports=free_ports(), timeout=timeout, log=progress)
     try:
         yield state
     finally:

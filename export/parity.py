@@ -1,24 +1,30 @@
-"""Do two runtimes give the same detections? Graph-contract outputs of a batch compared image by image, as sets.
+"""Do two runtimes give the same detections? Graph-contract outputs of a batch compared image by image, as sets; and
+COCO results (RLE masks at the original size, what ``freesolo predict`` and ``freesolo infer`` write) matched one to
+one.
 
 Detections are matched greedily by mask IoU (same label only), because two correct runtimes may order near-equal
 scores differently, or swap which of two near-equal candidates is the K-th. Probability masks (``freesolo.masks``
 probability) are binarised first, both sides the same way: at ``mask_thr``, as the graph binarises its binary masks,
 so their IoU is the IoU of the masks the binary contract would carry. Their continuous values need no tolerance of
 their own: they are the sigmoid of a 1x1 convolution of the raw heads, which ``compare_heads`` compares element by
-element. numpy only, so every runtime (PyTorch,
-ONNX Runtime, TensorRT, Triton) is compared with the same code (``freesolo parity`` reuses it).
+element. numpy (and pycocotools for RLE) only, so every runtime (PyTorch, ONNX Runtime, TensorRT, Triton) is
+compared with the same code (``freesolo parity``, the served-equals-predicted tests and the real-size benchmark reuse
+it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from training.geometry import MASK_STRIDE
 
 Outputs = Mapping[str, np.ndarray]  # contract name -> batched array (num_dets, scores, labels, boxes, masks)
+Results = list[dict[str, Any]]  # COCO results: score, category_id, segmentation (RLE), bbox, image_id
 
 
 @dataclass(frozen=True)
@@ -177,3 +183,44 @@ def compare_heads(reference: Outputs, candidate: Outputs, index: int, tolerance:
             f"(worst {result.worst}, max |diff| {result.max_abs_diff:.2e})"
         )
     return result
+
+
+# Served against predicted: the same pixels in, so every detection must have its partner.
+ONE_TO_ONE = Tolerance(num_dets=0, unmatched=0)
+
+
+def results_by_image(results: Results, count: int) -> list[Results]:
+    """A flat results list (``image_id`` = index into the images given) grouped per image."""
+    grouped: list[Results] = [[] for _ in range(count)]
+    for result in results:
+        grouped[result["image_id"]].append(result)
+    return grouped
+
+
+def results_mismatches(reference: Results, candidate: Results, tolerance: Tolerance = ONE_TO_ONE) -> list[str]:
+    """One image's COCO results matched one to one: same category, RLE mask IoU >= ``tolerance.mask_iou``, score
+    within ``tolerance.score``; what does not match, in words (empty: they match). Pairs are taken by closest score
+    (Matrix NMS leaves near-duplicates: equal masks, different scores)."""
+    if abs(len(reference) - len(candidate)) > tolerance.num_dets:
+        return [f"{len(reference)} detections in the reference, {len(candidate)} in the candidate"]
+    if not reference or not candidate:
+        return []
+    masks_a = [r["segmentation"] for r in reference]
+    masks_b = [c["segmentation"] for c in candidate]
+    iou = np.asarray(mask_utils.iou(masks_a, masks_b, [0] * len(candidate)))
+    pairs = sorted(
+        (abs(a["score"] - b["score"]), i, j)
+        for i, a in enumerate(reference)
+        for j, b in enumerate(candidate)
+        if a["category_id"] == b["category_id"]
+        and iou[i, j] >= tolerance.mask_iou
+        and abs(a["score"] - b["score"]) <= tolerance.score
+    )
+    left, right = set(range(len(reference))), set(range(len(candidate)))
+    for _, i, j in pairs:
+        if i in left and j in right:
+            left.discard(i)
+            right.discard(j)
+    if max(len(left), len(right)) > tolerance.unmatched:
+        return [f"reference detections {sorted(left)} and candidate {sorted(right)} have no partner"]
+    return []

@@ -219,7 +219,7 @@ def format_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def run_parity(
+def parity_rows(
     checkpoint: Path,
     onnx_path: Path,
     images: Sequence[Path],
@@ -228,8 +228,9 @@ def run_parity(
     batch_size: int = 1,
     tolerance: Tolerance | None = None,
     log: Log = print,
-) -> int:
-    """``freesolo parity``: print the table and a summary line; 0 when every row passes, 1 otherwise."""
+) -> list[Row]:
+    """``freesolo parity``'s comparisons: print the table and a summary line, return the rows (the real-size
+    benchmark reads their worst IoU and score difference)."""
     tolerance = tolerance or Tolerance()
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -290,9 +291,24 @@ def run_parity(
     )
     if failed:
         log(f"parity: FAIL, {failed} of {len(rows)} image/runtime comparisons outside tolerance ({limits})")
-        return 1
-    log(f"parity: PASS, {len(rows)} image/runtime comparisons within tolerance ({limits}) in {seconds:.1f} s")
-    return 0
+    else:
+        log(f"parity: PASS, {len(rows)} image/runtime comparisons within tolerance ({limits}) in {seconds:.1f} s")
+    return rows
+
+
+def run_parity(
+    checkpoint: Path,
+    onnx_path: Path,
+    images: Sequence[Path],
+    trt_plan: Path | None = None,
+    plugin_lib: Path | None = None,
+    batch_size: int = 1,
+    tolerance: Tolerance | None = None,
+    log: Log = print,
+) -> int:
+    """``freesolo parity``: print the table and a summary line; 0 when every row passes, 1 otherwise."""
+    rows = parity_rows(checkpoint, onnx_path, images, trt_plan, plugin_lib, batch_size, tolerance, log)
+    return 0 if all(row.ok for row in rows) else 1
 
 
 def display_names(files: list[Path]) -> dict[Path, str]:

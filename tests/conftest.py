@@ -16,6 +16,7 @@ import pytest
 import skimage.data
 import torch
 
+from benchmarks.lively import make_lively
 from serving.launcher import ServerState, loopback_ports, read_state
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import main
@@ -54,16 +55,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def lively_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint, sharpened for export and parity tests: an untrained model scores every cell near the
-    focal prior (about 0.01), below every threshold, so a parity test on it would compare empty outputs. Scaling the
-    category and kernel predictors' weights (x10, x5) gives confident, image-dependent scores and crisp masks, and
-    the score threshold in its config (0.3) leaves a few dozen detections per image, fewer than K."""
-    payload = load_checkpoint(tiny_checkpoint)
-    payload["model"]["head.cate_pred.weight"] *= 10.0
-    payload["model"]["head.kernel_pred.weight"] *= 5.0
-    payload["config"]["inference"]["score_thr"] = 0.3
+    """The tiny checkpoint, sharpened for export and parity tests (``benchmarks.lively``): an untrained model scores
+    every cell near the focal prior, so a parity test on it would compare empty outputs; sharpened, it gives a few
+    dozen detections per image, fewer than K."""
     path = tmp_path_factory.mktemp("lively") / "model.pt"
-    save_checkpoint(path, payload)
+    save_checkpoint(path, make_lively(load_checkpoint(tiny_checkpoint)))
     return path
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from torch import nn
 
 from benchmarks.bench_model import BenchModel
 from benchmarks.latency import FLOP_PARTS, RUNTIMES, flops, run
+from benchmarks.torch_runtimes import Bf16Network
 from export.onnx_export import BF16_UNSUPPORTED, preset_model
 from training.config import load_preset
 from training.data.coco import CocoInstances
@@ -115,3 +117,37 @@ def test_accuracy_per_runtime(report: dict) -> None:
     assert mask["ort_fp32"]["AP"] == pytest.approx(mask["pytorch_fp32"]["AP"], abs=0.01)
     for name, row in mask.items():
         assert row["AP_change"] == pytest.approx(row["AP"] - mask["pytorch_fp32"]["AP"], abs=1e-4), name
+
+
+def test_bf16_network_runs_bf16_weights_on_channels_last_input() -> None:
+    """What makes bf16 fast on a CPU (``Bf16Network``): bf16 weights in channels_last and channels_last bf16 inputs to
+    the convolutions, not fp32 weights cast by autocast; the model it copies stays fp32, and post-processing gets
+    fp32. The CoordConv concatenations (head grids, P5 of the mask branch) come out NCHW: small maps oneDNN
+    reorders."""
+    model = preset_model("tiny")[0]
+    network = Bf16Network(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in network.parameters())
+    convs = {name: m for name, m in network.named_modules() if isinstance(m, nn.Conv2d)}
+    spatial = [c for c in convs.values() if c.kernel_size != (1, 1)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs.values())
+    assert spatial and not any(c.weight.is_contiguous() for c in spatial)  # NHWC, not NCHW
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        conv.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, args[0]))
+        for name, conv in convs.items()
+    ]
+    images = torch.randint(0, 256, (2, 3, 128, 160), dtype=torch.uint8)
+    with torch.inference_mode():
+        output = network(images)
+        reference = model(images)
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == set(convs) and all(x.dtype == torch.bfloat16 for x in seen.values())
+    backbone = {name: x for name, x in seen.items() if name.startswith("model.backbone.")}
+    stem = backbone["model.backbone.body.conv1"]
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    assert len(backbone) > 20 and all(x.is_contiguous(memory_format=torch.channels_last) for x in backbone.values())
+    assert all(t.dtype == torch.float32 for t in [*output.cate_logits, *output.kernels, output.mask_features])
+    scale = reference.mask_features.abs().max()
+    assert (output.mask_features - reference.mask_features).abs().max() < 0.1 * scale  # bf16's rounding, no more

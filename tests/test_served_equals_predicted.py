@@ -9,15 +9,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
-from pycocotools import mask as mask_utils
 
-from export.parity import Tolerance
+from export.parity import Results, results_by_image, results_mismatches
 from serving.launcher import ServerState
 from serving.server_binary import pytriton_root
 from training.cli import main
@@ -25,7 +22,6 @@ from training.cli import main
 needs_server = pytest.mark.skipif(
     pytriton_root() is None and shutil.which("tritonserver") is None, reason="no tritonserver (nvidia-pytriton)"
 )
-Results = list[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
@@ -44,53 +40,20 @@ def images(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> list[P
 def predict(checkpoint: Path, files: list[Path], out: Path, *extra: str) -> list[Results]:
     """``freesolo predict`` results, grouped by image (image_id = index in ``files``)."""
     assert main(["predict", "--checkpoint", str(checkpoint), *map(str, files), "--out", str(out), *extra]) == 0
-    return by_image(json.loads(out.read_text()), len(files))
+    return results_by_image(json.loads(out.read_text()), len(files))
 
 
 def infer(url: str, files: list[Path], out: Path) -> list[Results]:
     assert main(["infer", "--url", url, *map(str, files), "--out", str(out)]) == 0
-    return by_image(json.loads(out.read_text()), len(files))
-
-
-def by_image(results: Results, count: int) -> list[Results]:
-    grouped: list[Results] = [[] for _ in range(count)]
-    for result in results:
-        grouped[result["image_id"]].append(result)
-    return grouped
-
-
-def mismatches(predicted: Results, served: Results) -> list[str]:
-    """Every detection matched one to one: same category, mask IoU >= 0.98, score within 1e-3. Pairs are taken by
-    closest score (Matrix NMS leaves near-duplicates: equal masks, different scores)."""
-    tolerance = Tolerance(num_dets=0, unmatched=0)
-    if abs(len(predicted) - len(served)) > tolerance.num_dets:
-        return [f"{len(predicted)} detections predicted, {len(served)} served"]
-    if not predicted or not served:
-        return []
-    iou = np.asarray(mask_utils.iou([p["segmentation"] for p in predicted], [s["segmentation"] for s in served],
-                                    [0] * len(served)))  # fmt: skip
-    candidates = sorted(
-        (abs(p["score"] - s["score"]), i, j)
-        for i, p in enumerate(predicted)
-        for j, s in enumerate(served)
-        if p["category_id"] == s["category_id"]
-        and iou[i, j] >= tolerance.mask_iou
-        and abs(p["score"] - s["score"]) <= tolerance.score
-    )
-    left, right = set(range(len(predicted))), set(range(len(served)))
-    for _, i, j in candidates:
-        if i in left and j in right:
-            left.discard(i)
-            right.discard(j)
-    if max(len(left), len(right)) > tolerance.unmatched:
-        return [f"predicted detections {sorted(left)} and served {sorted(right)} have no partner"]
-    return []
+    return results_by_image(json.loads(out.read_text()), len(files))
 
 
 def assert_equal_detections(predicted: list[Results], served: list[Results], files: list[Path]) -> None:
     assert sum(map(len, predicted)) >= len(files)  # the comparison is not of empty sets
     problems = [
-        f"{file.name}: {p}" for file, a, b in zip(files, predicted, served, strict=True) for p in mismatches(a, b)
+        f"{file.name}: {p}"
+        for file, a, b in zip(files, predicted, served, strict=True)
+        for p in results_mismatches(a, b)
     ]
     assert problems == []
 
