@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pycocotools.coco import COCO
+
 from benchmarks.serving_setup import free_ports
 from studies.demo_report import Schedule, demo_stages, stage_section, write_demo_report
 from training.cli import main as freesolo
@@ -61,13 +63,15 @@ def run_demo(out: Path, pretrain_iters: int, weak_iters: int) -> None:
             _supervised(data, supervised, weak_iters),
         )
     schedule = Schedule(pretrain_iters, weak_iters, TRAIN_IMAGES)
-    stages = demo_stages(json.loads((run / "report.json").read_text())["stages"], _bound(out), schedule)
+    ground_truth = load_ground_truth(data / "val.json")
+    stages = demo_stages(json.loads((run / "report.json").read_text())["stages"], _bound(out, ground_truth), schedule)
     print(f"\n==> stage table (class-agnostic, percent, on the val images)\n{stage_section(stages)}", flush=True)
     onnx, final = out / "model.onnx", run / "selftrain" / "model.pt"
     if not onnx.is_file():
         step("4/5 export the final model: one ONNX graph, Matrix NMS inside", _export(final, onnx))
     served = sorted((data / "val").iterdir())[:SERVED_IMAGES]
-    serve(out, onnx, served, lambda url: write_demo_report(out, final, onnx, url, served, stages, schedule))
+    val_images = len(ground_truth.getImgIds())
+    serve(out, onnx, served, lambda url: write_demo_report(out, final, onnx, url, served, stages, schedule, val_images))
     print(f"\nreport: {out / 'report.md'}  stages: {run / 'report.md'}  served: {out / 'served'}")
 
 
@@ -76,11 +80,11 @@ def _supervised(data: Path, run: Path, iters: int) -> list[str]:
     return [*command, "--class-agnostic", "--iters", str(iters), *resume_option(run)]
 
 
-def _bound(out: Path) -> dict[str, Any]:
+def _bound(out: Path, ground_truth: COCO) -> dict[str, Any]:
     """The supervised model's row on the val images (its results cached beside it: a resumed demo reads them)."""
     val, ann = out / "data" / "val", out / "data" / "val.json"
     found = model_results(out / "supervised" / "model.pt", val, ann, progress=False, cache=out / "supervised" / "eval")
-    return stage_row("supervised", load_ground_truth(ann), found)
+    return stage_row("supervised", ground_truth, found)
 
 
 def _export(checkpoint: Path, onnx: Path) -> list[str]:

@@ -201,6 +201,11 @@ def load_lines(load: dict[str, Any], latency: dict[str, dict[str, float]]) -> li
         f"thread(s), ONNX Runtime its default pool, OMP_NUM_THREADS={load['OMP_NUM_THREADS'] or 'unset'})"
         + (f" and {others} in others (the Triton server's share and any other work)." if others else ".")
     ]
+    if max(load["load_1min_start"], load["load_1min_end"]) > load["cores"]:
+        lines.append(
+            f"The machine was loaded (a load average above its {load['cores']} cores): every time here is longer "
+            "than on a quiet machine."
+        )
     noisy = {name: noise_ratio(row) for name, row in latency.items() if noise_ratio(row) > NOISY}
     if noisy:
         named = ", ".join(f"{name}'s p90 is {ratio:.1f} x its p50" for name, ratio in noisy.items())
@@ -266,8 +271,9 @@ def markdown(out: Path, report: dict[str, Any], parity: list[str], images: list[
     lines = [
         "# FreeSOLO-Deploy demo report",
         "",
-        f"{report['machine']}; {report['date']}. No label was used for training: the ground truth of the synthetic "
-        "val images is used only to measure.",
+        f"{report['machine']}; {report['date']}. No label was used to train the FreeSOLO stages: the synthetic "
+        "images' ground truth is used only to measure them and to train the supervised upper bound they are read "
+        "against.",
         "",
         "## Stages (class-agnostic mask metrics, percent, on the val images)",
         "",

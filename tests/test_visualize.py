@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from training.coarse_json import by_file_name
 from training.report import PANEL, VIS_THR, Column, comparison_grid, shown
-from training.visualize import PALETTE, draw_overlay, label_font, text_px
+from training.visualize import PALETTE, draw_overlay, label_font, label_size, label_spot, overlaps, text_px
 
 SIDE = 128  # the synthetic images' size
 
@@ -76,3 +76,12 @@ def test_grid_draws_every_ground_truth_object_and_confident_predictions(synth_da
     drawn = np.asarray(grid)[:, PANEL:]
     plain = np.asarray(grid)[:, :PANEL]
     assert (drawn != plain).any(axis=2).mean() > 0.05  # the objects are coloured in
+
+
+def test_labels_of_neighbouring_objects_do_not_cover_each_other() -> None:
+    size = label_size("rectangle", label_font(text_px(PANEL)))
+    spots = [label_spot((60, 120, 140, 200), size, (PANEL, PANEL), [])]  # above the box
+    spots.append(label_spot((72, 128, 132, 188), size, (PANEL, PANEL), spots))  # a box whose corner nearly meets it
+    assert spots[0][3] == 120 and not overlaps(*spots) and spots[1][1] == 128  # the second moves inside its box's top
+    crowded = [(0, 0, PANEL, PANEL)]  # no free spot: the label still goes above its box, inside the picture
+    assert label_spot((60, 120, 140, 200), size, (PANEL, PANEL), crowded)[3] == 120

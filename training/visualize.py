@@ -67,16 +67,36 @@ def drawing_order(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: r["score"] if "score" in r else -r["bbox"][2] * r["bbox"][3])
 
 
-def draw_label(picture: Image.Image, x: float, y: float, text: str, color: tuple[int, ...], font: Font) -> None:
-    """White text on a box of the object's colour just above (x, y), or just below it at the top edge; kept inside
-    the picture."""
+Box = tuple[float, float, float, float]  # left, top, right, bottom
+
+
+def overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def label_spot(box: Box, size: tuple[int, int], picture: tuple[int, int], taken: list[Box]) -> Box:
+    """Where a label of ``size`` goes for an object's ``box``: above the box, else inside its top, below it, inside
+    its bottom; the first of these inside the picture that covers no label placed before (else the first inside)."""
+    (width, height), (picture_width, picture_height) = size, picture
+    x = min(max(0.0, box[0]), max(0.0, picture_width - width))
+    tops = [top for top in (box[1] - height, box[1], box[3], box[3] - height) if 0 <= top <= picture_height - height]
+    tops = tops or [0.0]
+    spots = [(x, top, x + width, top + height) for top in tops]
+    return next((spot for spot in spots if not any(overlaps(spot, other) for other in taken)), spots[0])
+
+
+def label_size(text: str, font: Font) -> tuple[int, int]:
+    """(width, height) of a label: the text and a margin of 3 px across, 2 px down."""
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    return right - left + 6, bottom - top + 4
+
+
+def draw_label(picture: Image.Image, spot: Box, text: str, color: tuple[int, ...], font: Font) -> None:
+    """White text on a box of the object's colour at ``spot``."""
     draw = ImageDraw.Draw(picture)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    width, height = right - left + 6, bottom - top + 4
-    x = min(max(0.0, x), max(0.0, picture.width - width))
-    y = y - height if y >= height else y
-    draw.rectangle([x, y, x + width - 1, y + height - 1], fill=color)
-    draw.text((x + 3 - left, y + 2 - top), text, fill=(255, 255, 255), font=font)
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    draw.rectangle([spot[0], spot[1], spot[2] - 1, spot[3] - 1], fill=color)
+    draw.text((spot[0] + 3 - left, spot[1] + 2 - top), text, fill=(255, 255, 255), font=font)
 
 
 def draw_overlay(
@@ -105,9 +125,15 @@ def draw_overlay(
         color = PALETTE[index % len(PALETTE)]
         x, y, w, h = (v * scale for v in result["bbox"])
         draw.rectangle([x, y, x + w, y + h], outline=color, width=2)
-    for index, result in enumerate(ordered):  # labels after every box: no box line crosses a label
-        x, y = (v * scale for v in result["bbox"][:2])
-        draw_label(picture, x, y, label_text(result, class_names), PALETTE[index % len(PALETTE)], font)
+    # Labels after every box (no box line crosses one); placed from the top of the order down, so the best (or the
+    # smallest) object's label gets the first free spot, and drawn bottom up, so it stays on top where none is free.
+    texts = [label_text(result, class_names) for result in ordered]
+    spots: list[Box] = []
+    for result, text in zip(reversed(ordered), reversed(texts), strict=True):
+        x, y, w, h = (v * scale for v in result["bbox"])
+        spots.append(label_spot((x, y, x + w, y + h), label_size(text, font), picture.size, spots))
+    for index, (text, spot) in enumerate(zip(texts, reversed(spots), strict=True)):
+        draw_label(picture, spot, text, PALETTE[index % len(PALETTE)], font)
     return picture
 
 
