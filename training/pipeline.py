@@ -27,6 +27,8 @@ from training.fileio import atomic_write
 from training.freemask_run import run_freemask
 from training.pretrain import train_densecl
 from training.report import (
+    AGNOSTIC,
+    Column,
     coarse_on_ground_truth,
     comparison_grid,
     model_results,
@@ -120,11 +122,15 @@ def evaluate_stages(
     coarse = results.pop("freemask")
     final = list(results)[-1]
     files = sorted(eval_images / image["file_name"] for image in ground_truth.dataset["images"])[:OVERLAY_IMAGES]
-    truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
-    columns = [("ground truth (evaluation only)", truth), ("Free Mask (coarse)", coarse)]
-    columns += [(name if name != final else f"{name} (final)", found) for name, found in results.items()]
     images = ground_truth.dataset["images"]
-    grid = comparison_grid(files, [(title, by_file_name(images, found)) for title, found in columns])
+    categories = {category["id"]: category["name"] for category in ground_truth.dataset["categories"]}
+    columns = [
+        Column("ground truth (evaluation only)", by_file_name(images, ground_truth.dataset["annotations"]), categories),
+        Column("Free Mask (coarse)", by_file_name(images, coarse), AGNOSTIC),
+    ]
+    for name, found in results.items():
+        columns.append(Column(name if name != final else f"{name} (final)", by_file_name(images, found), AGNOSTIC))
+    grid = comparison_grid(files, columns)
     write_report(paths.root, stages, grid, f"FreeSOLO pipeline: {paths.root}")
     return stages
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,11 +17,21 @@ from training.data.images import read_rgb
 from training.evaluate import coco_metrics
 from training.fileio import atomic_write, atomic_write_text
 from training.inference import Predictor
-from training.visualize import draw_overlay
+from training.visualize import draw_overlay, label_font, text_px
 
 STAGE_KEYS = ("AP", "AP50", "AP75", "AR100")
 VIS_THR = 0.3
 PANEL = 256
+CAPTION = 22  # px of the caption bar above each panel
+AGNOSTIC = {1: "object"}  # the one class of coarse masks and of class-agnostic models
+
+
+class Column(NamedTuple):
+    """One column of the comparison grid: its caption, results by file name, and their class names."""
+
+    title: str
+    by_file: dict[str, list[dict[str, Any]]]
+    class_names: dict[int, str]
 
 
 def coarse_on_ground_truth(coarse: dict[str, Any], ground_truth: COCO) -> list[dict[str, Any]]:
@@ -60,31 +70,39 @@ def stage_row(name: str, ground_truth: COCO, results: list[dict[str, Any]]) -> d
     return {"name": name, **{key: segm[key] for key in STAGE_KEYS}}
 
 
-def stage_table(stages: list[dict[str, Any]]) -> str:
-    lines = ["| stage | mask AP | AP50 | AP75 | AR100 |", "|---|---|---|---|---|"]
+def stage_table(stages: list[dict[str, Any]], keys: tuple[str, ...] = STAGE_KEYS, digits: int = 1) -> str:
+    """A markdown table of stage rows (metrics as fractions) in percent with ``digits`` decimals."""
+    header = ["mask AP" if key == "AP" else key for key in keys]
+    lines = ["| stage | " + " | ".join(header) + " |", "|---" * (len(keys) + 1) + "|"]
     for stage in stages:
-        cells = ["-" if stage[key] is None else f"{100 * stage[key]:.1f}" for key in STAGE_KEYS]
+        cells = ["-" if stage[key] is None else f"{100 * stage[key]:.{digits}f}" for key in keys]
         lines.append(f"| {stage['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def titled(picture: Image.Image, title: str) -> Image.Image:
     """A panel of fixed size with a caption bar."""
-    panel = Image.new("RGB", (PANEL, PANEL + 18), "white")
-    panel.paste(picture.resize((PANEL, PANEL)), (0, 18))
-    ImageDraw.Draw(panel).text((4, 3), title, fill=(0, 0, 0))
+    panel = Image.new("RGB", (PANEL, PANEL + CAPTION), "white")
+    panel.paste(picture.resize((PANEL, PANEL)), (0, CAPTION))
+    ImageDraw.Draw(panel).text((4, 3), title, fill=(0, 0, 0), font=label_font(text_px(PANEL)))
     return panel
 
 
-def comparison_grid(image_files: list[Path], columns: list[tuple[str, dict[str, list[dict[str, Any]]]]]) -> Image.Image:
-    """Rows of images; each column draws one stage's results (keyed by file name) on the image."""
+def shown(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a panel draws: predictions scoring at least VIS_THR, and all of the ground truth (it has no score)."""
+    return [r for r in results if r.get("score", VIS_THR) >= VIS_THR]
+
+
+def comparison_grid(image_files: list[Path], columns: list[Column]) -> Image.Image:
+    """Rows of images; each column draws one stage's results (keyed by file name) on the image, at panel size so
+    that its labels are drawn at the size they are seen."""
     rows = []
     for file in image_files:
         image = read_rgb(file)
         panels = [titled(Image.fromarray(image), file.name)]
-        for title, by_file in columns:
-            shown = [r for r in by_file.get(file.name, []) if r["score"] >= VIS_THR]
-            panels.append(titled(draw_overlay(image, shown, {1: "object"}), title))
+        for column in columns:
+            found = shown(column.by_file.get(file.name, []))
+            panels.append(titled(draw_overlay(image, found, column.class_names, min_side=PANEL), column.title))
         rows.append(np.concatenate([np.asarray(p) for p in panels], axis=1))
     return Image.fromarray(np.concatenate(rows, axis=0))
 
