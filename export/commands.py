@@ -162,9 +162,9 @@ def _register_parity(commands: Subcommands) -> None:
 
 
 def run_parity_command(args: argparse.Namespace) -> int:
-    from export.parity_cli import run_parity, tolerance_from_args
+    from export.parity_cli import exit_code, parity_rows, tolerance_from_args
 
-    return run_parity(
+    rows = parity_rows(
         args.checkpoint,
         args.onnx,
         args.images,
@@ -173,3 +173,4 @@ def run_parity_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         tolerance=tolerance_from_args(args),
     )
+    return exit_code(rows)

@@ -296,21 +296,6 @@ def parity_rows(
     return rows
 
 
-def run_parity(
-    checkpoint: Path,
-    onnx_path: Path,
-    images: Sequence[Path],
-    trt_plan: Path | None = None,
-    plugin_lib: Path | None = None,
-    batch_size: int = 1,
-    tolerance: Tolerance | None = None,
-    log: Log = print,
-) -> int:
-    """``freesolo parity``: print the table and a summary line; 0 when every row passes, 1 otherwise."""
-    rows = parity_rows(checkpoint, onnx_path, images, trt_plan, plugin_lib, batch_size, tolerance, log)
-    return 0 if all(row.ok for row in rows) else 1
-
-
 def display_names(files: list[Path]) -> dict[Path, str]:
     """File names, or the paths as given where two files share a name."""
     counts: dict[str, int] = {}
@@ -329,3 +314,8 @@ def tolerance_from_args(args: Any) -> Tolerance:
         head_atol=args.atol,
         head_rtol=args.rtol,
     )
+
+
+def exit_code(rows: Sequence[Row]) -> int:
+    """``freesolo parity``'s exit code: 0 when every row passes, 1 otherwise."""
+    return 0 if all(row.ok for row in rows) else 1

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from benchmarks.reporting import cpu_name, latency_summary, machine, utc_now
 from export.onnx_inputs import OnnxModel
-from export.parity_cli import run_parity
+from export.parity_cli import exit_code, parity_rows
 from serving.client import FreeSOLOClient
 from training.config import load_preset
 from training.data.images import read_rgb
@@ -235,8 +235,8 @@ def latency_plot(latency: dict[str, dict[str, float]], out: Path) -> None:
 def parity_lines(checkpoint: Path, onnx: Path, images: list[Path]) -> tuple[list[str], int]:
     """``freesolo parity``'s table on a few images, and its exit code (0: every row within tolerance)."""
     lines: list[str] = []
-    code = run_parity(checkpoint, onnx, images[:PARITY_IMAGES], log=lines.append)
-    return lines, code
+    rows = parity_rows(checkpoint, onnx, images[:PARITY_IMAGES], log=lines.append)
+    return lines, exit_code(rows)
 
 
 def write_demo_report(
