@@ -201,10 +201,10 @@ def load_lines(load: dict[str, Any], latency: dict[str, dict[str, float]]) -> li
         f"thread(s), ONNX Runtime its default pool, OMP_NUM_THREADS={load['OMP_NUM_THREADS'] or 'unset'})"
         + (f" and {others} in others (the Triton server's share and any other work)." if others else ".")
     ]
-    if max(load["load_1min_start"], load["load_1min_end"]) > load["cores"]:
+    if load["load_1min_start"] > load["cores"]:  # the end's average counts this measurement's own work
         lines.append(
-            f"The machine was loaded (a load average above its {load['cores']} cores): every time here is longer "
-            "than on a quiet machine."
+            f"The machine was loaded (a load average above its {load['cores']} cores before the measurement): every "
+            "time here is longer than on a quiet machine."
         )
     noisy = {name: noise_ratio(row) for name, row in latency.items() if noise_ratio(row) > NOISY}
     if noisy:

@@ -66,6 +66,8 @@ def test_latency_context_names_the_load_and_flags_noise() -> None:
     assert "load average" in steady and "PyTorch" in steady and "steady" in steady and "noisy" not in steady
     quiet = {**load, "load_1min_start": 0.5, "load_1min_end": 0.5}
     assert not any("was loaded" in line for line in load_lines(quiet, latency))
+    own_work = {**load, "load_1min_start": 0.5, "load_1min_end": 2.0 * load["cores"] + 1}  # the measurement's own
+    assert not any("was loaded" in line for line in load_lines(own_work, latency))
     busy = {**load, "load_1min_start": 2.0 * load["cores"] + 1}
     assert any("was loaded" in line for line in load_lines(busy, latency))
     latency[RUNTIMES[0]]["p90_ms"] = 50.0  # PyTorch p90 5 x its p50, as in the run
