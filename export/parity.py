@@ -201,10 +201,9 @@ def results_mismatches(reference: Results, candidate: Results, tolerance: Tolera
     """One image's COCO results matched one to one: same category, RLE mask IoU >= ``tolerance.mask_iou``, score
     within ``tolerance.score``; what does not match, in words (empty: they match). Pairs are taken by closest score
     (Matrix NMS leaves near-duplicates: equal masks, different scores)."""
-    if abs(len(reference) - len(candidate)) > tolerance.num_dets:
-        return [f"{len(reference)} detections in the reference, {len(candidate)} in the candidate"]
+    counts = f"{len(reference)} detections in the reference, {len(candidate)} in the candidate"
     if not reference or not candidate:
-        return []
+        return [counts] if abs(len(reference) - len(candidate)) > tolerance.num_dets else []
     masks_a = [r["segmentation"] for r in reference]
     masks_b = [c["segmentation"] for c in candidate]
     iou = np.asarray(mask_utils.iou(masks_a, masks_b, [0] * len(candidate)))
@@ -221,6 +220,12 @@ def results_mismatches(reference: Results, candidate: Results, tolerance: Tolera
         if i in left and j in right:
             left.discard(i)
             right.discard(j)
-    if max(len(left), len(right)) > tolerance.unmatched:
-        return [f"reference detections {sorted(left)} and candidate {sorted(right)} have no partner"]
-    return []
+    problems = [counts] if abs(len(reference) - len(candidate)) > tolerance.num_dets else []
+    if problems or max(len(left), len(right)) > tolerance.unmatched:
+        alone = [
+            f"{side} {i} (score {dets[i]['score']:.5f})"
+            for side, dets, indices in (("reference", reference, left), ("candidate", candidate, right))
+            for i in sorted(indices)
+        ]
+        problems.append(f"without a partner: {', '.join(alone) or 'none'}")
+    return problems
