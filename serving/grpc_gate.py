@@ -31,7 +31,6 @@ STREAMING_METHODS = frozenset({SERVICE + "ModelStreamInfer"})
 WORKERS = 64  # requests in flight at once (each waits on the server); more wait in gRPC's queue
 UNLIMITED = -1
 NO_DEADLINE_S = 365 * 24 * 3600.0  # a time_remaining() beyond this means the caller set no deadline
-READY_LINE = "gate ready"  # printed once listening (the launcher waits for it)
 
 
 def forwarded_metadata(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
-    print(f"{READY_LINE} on {args.listen}, relaying to {args.upstream}", flush=True)
+    print(f"gate ready on {args.listen}, relaying to {args.upstream}", flush=True)
     stopped.wait()
     server.stop(grace=2).wait()
     return 0

@@ -295,12 +295,12 @@ TRITON_CHECKED = {
 }
 
 
-def resident_bytes(pids: set[int]) -> int:
-    """The summed resident memory of ``pids`` (VmRSS)."""
+def resident_bytes(pids: set[int], field: str = "VmRSS") -> int:
+    """The summed resident memory of ``pids``: now (VmRSS), or the highest each has had (VmHWM)."""
     total = 0
     for pid in pids:
         status = (PROC / str(pid) / "status").read_text()
-        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+        total += int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))) * 1024
     return total
 
 
@@ -371,7 +371,7 @@ def test_oversized_messages_stop_at_the_gate(shared_server: ServerState) -> None
     size = 150 * 2**20
     oversized = send_images(b"\x89PNG\r\n\x1a\n" + bytes(size - 8))
     server_before = resident_bytes({shared_server.pid})
-    gate_peak_before = peak_resident_bytes(shared_server.gate_pid)
+    gate_peak_before = resident_bytes({shared_server.gate_pid}, "VmHWM")
     for _ in range(3):
         with pytest.raises(
             InferenceServerException, match=rf"larger than max \(\d+ vs\. {MAX_MESSAGE_BYTES}\)"
@@ -379,15 +379,9 @@ def test_oversized_messages_stop_at_the_gate(shared_server: ServerState) -> None
             oversized(connections)
         assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     server_growth = resident_bytes({shared_server.pid}) - server_before
-    gate_growth = peak_resident_bytes(shared_server.gate_pid) - gate_peak_before
+    gate_growth = resident_bytes({shared_server.gate_pid}, "VmHWM") - gate_peak_before
     assert server_growth < 16 * 2**20, f"3 refused 150 MB messages grew the server by {server_growth / 2**20:.0f} MiB"
     assert gate_growth < size // 4, f"the gate's peak memory grew by {gate_growth / 2**20:.0f} MiB"
     just_over = send_images(b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE_BYTES))
     with pytest.raises(InferenceServerException, match=f"more than the limit of {MAX_IMAGE_BYTES}"):
         just_over(connections)
-
-
-def peak_resident_bytes(pid: int) -> int:
-    """The highest resident memory ``pid`` has had (VmHWM)."""
-    status = (PROC / str(pid) / "status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
