@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import training.pipeline as pipeline
-from studies.freesolo_report import HOLDOUT_FOLDS, folds, holdout_row, holdout_rows
+from studies.freesolo_report import CACHE, checks, seed_rows
+from studies.rows import NOT_MADE, folds, measured_row
 from training.cli import main
 from training.evaluate import load_ground_truth
 from training.report import STAGE_KEYS
@@ -52,7 +53,7 @@ def pipeline_args(synth_data: Path, out: Path) -> list[str]:
 def test_pipeline_crash_resume_and_report(
     synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "run"
+    out = tmp_path / "pipeline"  # where the results report keeps its main run
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash during self-training")
@@ -82,22 +83,25 @@ def test_pipeline_crash_resume_and_report(
     assert "| selftrain1 |" in capsys.readouterr().out
     assert (out / "selftrain" / "model.pt").is_file()
 
-    # The results report's held-out rows, given the pipeline's own evaluation set, measure its models alike.
-    cache = out / "results_cache"
+    # The results report's rows of a seed, given the pipeline's own evaluation set, measure its models alike, with
+    # dashes for what is not made (here the colour baseline and the control) and per-fold rows.
     ground_truth = load_ground_truth(synth_data / "val.json")
-    rows = holdout_rows(out, {}, synth_data, ground_truth, cache)
-    assert [row["name"] for row in rows] == ["freemask", "weak", "selftrain1"]
-    assert [{key: value for key, value in row.items() if key != "folds"} for row in rows[1:]] == report["stages"][1:]
-    assert (out / "freemask" / "holdout.json").is_file() and all(0.0 <= rows[0][key] <= 1.0 for key in STAGE_KEYS)
-    assert all(len(row["folds"]) == HOLDOUT_FOLDS for row in rows)
+    rows = seed_rows(tmp_path, 0, synth_data / "val", synth_data / "val.json", "eval", folds(ground_truth, 2))
+    metrics = [{key: row[key] for key in STAGE_KEYS} for row in rows]
+    assert metrics[1:4] == [{key: stage[key] for key in STAGE_KEYS} for stage in report["stages"]]
+    assert all(len(row["folds"]) == 2 for row in rows[1:4])
+    assert [row["name"].endswith(NOT_MADE) for row in rows] == [True, False, False, False, True]
+    assert metrics[0] == metrics[4] == dict.fromkeys(STAGE_KEYS)
+    assert checks(rows)["weak AP >= 1.5 x its coarse masks"] is not None
+    assert checks(rows)["self-training above its teacher and its control"] is None
     # one cached result per model, which a second measurement reads instead of predicting again
-    stored = sorted(cache.glob("*.json"))
+    stored = sorted((tmp_path / CACHE).glob("*.json"))
     assert len(stored) == 2
     truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
     for path in stored:  # results no 2-step model could give
         path.write_text(json.dumps(truth))
-    again = holdout_rows(out, {}, synth_data, ground_truth, cache)
-    assert again[0] == rows[0] and all(row["AP"] == pytest.approx(1.0) for row in again[1:])
+    again = seed_rows(tmp_path, 0, synth_data / "val", synth_data / "val.json", "eval", [])
+    assert again[1]["AP"] == rows[1]["AP"] and again[2]["AP"] == again[3]["AP"] == pytest.approx(1.0)
 
 
 def test_holdout_folds_partition_the_set_and_are_measured_alone(synth_data: Path) -> None:
@@ -109,11 +113,11 @@ def test_holdout_folds_partition_the_set_and_are_measured_alone(synth_data: Path
     assert sum(len(part.getAnnIds()) for part in parts) == len(ground_truth.getAnnIds())
     # the ground truth as detections: perfect on the whole set and on each fold
     truth = [{**annotation, "score": 1.0} for annotation in ground_truth.dataset["annotations"]]
-    row = holdout_row("truth", ground_truth, parts, truth)
+    row = measured_row("truth", ground_truth, truth, parts)
     assert row["AP"] == pytest.approx(1.0) and all(fold["AP"] == pytest.approx(1.0) for fold in row["folds"])
     # half the objects found: each fold is measured on its own images only
     first_fold = [t for t in truth if t["image_id"] in set(image_ids[0])]
-    row = holdout_row("first fold found", ground_truth, parts, first_fold)
+    row = measured_row("first fold found", ground_truth, first_fold, parts)
     assert row["folds"][0]["AR100"] == pytest.approx(1.0) and row["folds"][1]["AR100"] == 0.0
     assert 0.0 < row["AR100"] < 1.0
 
