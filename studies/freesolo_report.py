@@ -64,6 +64,8 @@ FREEMASK_ABLATIONS = {
         ["freemask.min_area_fraction=0", "freemask.score_thr=0.7"],
     ),
     "tau_05": ("the paper's tau 0.5", ["freemask.mask_thr=0.5"]),
+    "no_border": ("zero padding (no mirrored border cells)", ["freemask.border_cells=0"]),
+    "no_centering": ("features not mean-centred", ["freemask.center_features=false"]),
 }
 LABEL_SHARE = 10  # every 10th training image keeps its labels: 10%
 FINETUNE_ITERS = 600  # the 10%-label rows: 600 steps of 8 images, about 48 epochs of the 100 labelled images
