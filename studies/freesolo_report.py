@@ -33,7 +33,7 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-from studies.freesolo_ladder import WEAK_ITERS, colour_jobs, ladder_jobs, ladder_rows
+from studies.freesolo_ladder import COLOUR, WEAK_ITERS, colour_jobs, free_mask, ladder_jobs, ladder_rows
 from studies.jobs import Job, freesolo, run_jobs, sets
 from studies.rows import NOT_MADE, coarse_results, coco_subset, folds, measured_row, trained_results
 from training.config import load_preset
@@ -69,6 +69,7 @@ FREEMASK_ABLATIONS = {
 }
 LABEL_SHARE = 10  # every 10th training image keeps its labels: 10%
 FINETUNE_ITERS = 600  # the 10%-label rows: 600 steps of 8 images, about 48 epochs of the 100 labelled images
+FINETUNE_STARTS = {"freesolo": "the FreeSOLO backbone", "densecl": "the DenseCL backbone", "scratch": "scratch"}
 # 10x the val split: small AP differences on 200 images are noise. An image depends only on (seed, index). Each fold
 # (1000 images) is measured on its own too, to show how far AP moves between two evaluation sets alone.
 HOLDOUT_IMAGES, HOLDOUT_SEED, HOLDOUT_FOLDS = 2000, 11, 2
@@ -122,11 +123,8 @@ def seed_jobs(work: Path, data: Path, holdout: Path) -> list[Job]:
             if seed == 0 and name == "eval":
                 continue  # the main run's pipeline makes it
             out = paths.coarse_train.with_name(f"{name}.json")
-            command = ["--images", str(images), "--backbone", str(paths.pretrain.model), "--out", str(out)]
-            jobs.append(
-                Job(f"freemask_{name}_seed{seed}", freesolo("freemask", *command), out, (paths.pretrain.model,))
-            )
-    jobs += colour_jobs(work, {"val": data / "val", "holdout": holdout / "val"}, ["freemask.low_level_weight=1"])
+            jobs.append(free_mask(f"freemask_{name}_seed{seed}", images, out, paths.pretrain.model, []))
+    jobs += colour_jobs(work, {"val": data / "val", "holdout": holdout / "val"}, COLOUR)
     for seed in SEEDS:
         paths = PipelinePaths(run_folder(work, seed))
         overrides = [f"weak.solver.iters={ROUND_ITERS}", f"seed={seed}"]
@@ -148,7 +146,8 @@ def finetune_jobs(work: Path, data: Path) -> list[Job]:
         )
     ]
     subset = labelled_subset(data / "train.json", data / f"train_{100 // LABEL_SHARE}pct.json")
-    for key, start in (("freesolo", backbone), ("densecl", main_run.backbone), ("scratch", None)):
+    starts = {"freesolo": backbone, "densecl": main_run.backbone, "scratch": None}
+    for key, start in starts.items():
         out = work / f"finetune_{key}"
         command = ["train", "--images", str(data / "train"), "--ann", str(subset), "--out", str(out)]
         command += ["--class-agnostic", *resume_option(out), "--iters", str(FINETUNE_ITERS)]
@@ -169,8 +168,7 @@ def val_extra_jobs(work: Path, data: Path) -> list[Job]:
     jobs = []
     for slug, (_, overrides) in FREEMASK_ABLATIONS.items():
         out = freemask_folder(work, slug) / "eval.json"
-        command = ["freemask", "--images", str(data / "val"), "--backbone", str(model), "--out", str(out)]
-        jobs.append(Job(f"freemask_{slug}_val", freesolo(*command, *sets(overrides)), out, (model,)))
+        jobs.append(free_mask(f"freemask_{slug}_val", data / "val", out, model, overrides))
     iters = [ABLATION_ITERS]
     for slug, (_, overrides) in ABLATIONS.items():
         out = work / f"ablation_{slug}"
@@ -180,8 +178,7 @@ def val_extra_jobs(work: Path, data: Path) -> list[Job]:
     jobs.append(Job(pseudo_only.name, freesolo(*command), pseudo_only / "model.pt", (main_run.weak.model,)))
     for slug, (_, overrides) in FREEMASK_ABLATIONS.items():
         coarse = freemask_folder(work, slug) / "train.json"
-        command = ["freemask", "--images", str(train), "--backbone", str(model), "--out", str(coarse)]
-        jobs.append(Job(f"freemask_{slug}_train", freesolo(*command, *sets(overrides)), coarse, (model,)))
+        jobs.append(free_mask(f"freemask_{slug}_train", train, coarse, model, overrides))
         jobs.append(weak_training(train, coarse, work / f"ablation_freemask_{slug}", main_run.backbone, iters))
     supervised = work / "supervised"
     command = ["train", "--images", str(train), "--ann", str(data / "train.json"), "--out", str(supervised)]
@@ -248,11 +245,7 @@ def val_extra_rows(work: Path, data: Path) -> list[dict[str, Any]]:
     for slug, (name, _) in FREEMASK_ABLATIONS.items():
         runs[f"weak SOLO 800 steps on the coarse masks of Free Mask with {name}"] = work / f"ablation_freemask_{slug}"
     runs["one self-training round on pseudo-labels only (the paper's round)"] = work / "selftrain_pseudo_only"
-    for key, name in (
-        ("freesolo", "the FreeSOLO backbone"),
-        ("densecl", "the DenseCL backbone"),
-        ("scratch", "scratch"),
-    ):
+    for key, name in FINETUNE_STARTS.items():
         runs[f"10% labels, from {name}"] = work / f"finetune_{key}"
     for name, run in runs.items():
         rows.append(measured_row(name, truth, trained_results(run / "model.pt", images, ann, cache)))
