@@ -8,7 +8,8 @@ Per training seed (0, 1, 2: `freesolo pipeline --set seed=S` on the same 1000 tr
 images and on 2000 held-out images of another data seed (each half also on its own): the colour-statistics Free Mask
 (the hand-made-feature baseline, ``freemask.low_level_weight=1``), the pipeline's Free Mask coarse masks, weak SOLO,
 one self-training round, and the round's control (the weak model trained as many more steps on its own coarse
-masks: what a round gains beyond it is what its labels teach). On val, for seed 0: each of the tiny preset's
+masks: what a round gains beyond it is what its labels teach); on the held-out set also the paper's round
+(pseudo-labels alone) from the same teacher. On val, for seed 0: each of the tiny preset's
 deviations from the paper undone one at a time (Free Mask's colour statistics, its filters and tau; the weak stage's
 Dice loss and embedding weight, with the paper's L_avg and L_pairwise ablations; self-training's kept coarse masks),
 the supervised upper bound, 10%-label fine-tuning (600 steps) from the FreeSOLO backbone (the self-trained
@@ -85,6 +86,11 @@ def run_folder(work: Path, seed: int) -> Path:
 
 def control_folder(work: Path, seed: int) -> Path:
     return work / f"control_seed{seed}"
+
+
+def paper_round_folder(work: Path, seed: int) -> Path:
+    """The paper's self-training round (the teacher's confident predictions alone) of a seed's pipeline."""
+    return work / ("selftrain_pseudo_only" if seed == 0 else f"selftrain_pseudo_only_seed{seed}")
 
 
 def final_model(run: Path) -> Path:
@@ -173,9 +179,10 @@ def val_extra_jobs(work: Path, data: Path) -> list[Job]:
     for slug, (_, overrides) in ABLATIONS.items():
         out = work / f"ablation_{slug}"
         jobs.append(weak_training(train, main_run.coarse_train, out, main_run.backbone, [*iters, *overrides]))
-    pseudo_only = work / "selftrain_pseudo_only"  # the paper's round: the teacher's confident predictions alone
-    command = ["selftrain", "--checkpoint", str(main_run.weak.model), "--images", str(train), "--out", str(pseudo_only)]
-    jobs.append(Job(pseudo_only.name, freesolo(*command), pseudo_only / "model.pt", (main_run.weak.model,)))
+    for seed in SEEDS:  # the paper's round beside each pipeline's own: no coarse masks given, so none are kept
+        teacher, out = PipelinePaths(run_folder(work, seed)).weak.model, paper_round_folder(work, seed)
+        command = ["selftrain", "--checkpoint", str(teacher), "--images", str(train), "--out", str(out)]
+        jobs.append(Job(out.name, freesolo(*command, *sets([f"seed={seed}"])), out / "model.pt", (teacher,)))
     for slug, (_, overrides) in FREEMASK_ABLATIONS.items():
         coarse = freemask_folder(work, slug) / "train.json"
         jobs.append(free_mask(f"freemask_{slug}_train", train, coarse, model, overrides))
@@ -244,12 +251,28 @@ def val_extra_rows(work: Path, data: Path) -> list[dict[str, Any]]:
     runs.update({f"weak SOLO 800 steps, {name}": work / f"ablation_{slug}" for slug, (name, _) in ABLATIONS.items()})
     for slug, (name, _) in FREEMASK_ABLATIONS.items():
         runs[f"weak SOLO 800 steps on the coarse masks of Free Mask with {name}"] = work / f"ablation_freemask_{slug}"
-    runs["one self-training round on pseudo-labels only (the paper's round)"] = work / "selftrain_pseudo_only"
+    runs["one self-training round on pseudo-labels only (the paper's round)"] = paper_round_folder(work, 0)
     for key, name in FINETUNE_STARTS.items():
         runs[f"10% labels, from {name}"] = work / f"finetune_{key}"
     for name, run in runs.items():
         rows.append(measured_row(name, truth, trained_results(run / "model.pt", images, ann, cache)))
     return rows
+
+
+def round_rows(work: Path, holdout: Path, parts: list[COCO]) -> list[dict[str, Any]]:
+    """Each seed's two self-training rounds on the held-out set, where half a point is more than noise: the preset's
+    (pseudo-labels and the coarse masks none of them covers) and the paper's (pseudo-labels alone)."""
+    images, ann = holdout / "val", holdout / "val.json"
+    truth, cache = load_ground_truth(ann), work / CACHE
+    models = {}
+    for seed in SEEDS:
+        models[f"seed {seed}: the preset's round (pseudo-labels + uncovered coarse masks)"] = final_model(
+            run_folder(work, seed)
+        )
+        models[f"seed {seed}: the paper's round (pseudo-labels only)"] = paper_round_folder(work, seed) / "model.pt"
+    return [
+        measured_row(name, truth, trained_results(model, images, ann, cache), parts) for name, model in models.items()
+    ]
 
 
 VERDICT = {None: "not measured", True: "yes", False: "NO"}
@@ -296,6 +319,9 @@ def tables(report: dict[str, Any]) -> str:
     parts.append("### Acceptance checks (issue 15)\n\n" + "\n".join(lines))
     extra = stage_table(report["val_extra"], digits=2)
     parts.append(f"### Seed 0, val: upper bound, the paper's round, ablations, fine-tuning\n\n{extra}")
+    rounds = report["rounds_held_out"]
+    parts.append(f"### Held-out: the preset's self-training round and the paper's\n\n{stage_table(rounds, digits=2)}")
+    parts.append(fold_table(rounds))
     parts.append(f"### The ladder (val)\n\n{stage_table(report['ladder'], digits=2)}")
     return "\n\n".join(parts) + "\n"
 
@@ -328,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seeds"][seed] = {"val": on_val, "held-out": on_holdout}
         report["checks"][seed] = {"val": checks(on_val), "held-out": checks(on_holdout)}
     report["val_extra"] = val_extra_rows(work, data)
+    report["rounds_held_out"] = round_rows(work, holdout, holdout_parts)
     report["ladder"] = ladder_rows(work, data, work / CACHE)
     report["held_out"] = {"images": HOLDOUT_IMAGES, "seed": HOLDOUT_SEED, "folds": HOLDOUT_FOLDS}
     report["hours_of_this_invocation"] = round((time.perf_counter() - started) / 3600, 2)

@@ -44,6 +44,7 @@ def test_tables_show_verdicts_and_dashes() -> None:
         "seeds": {0: seed},
         "checks": {0: {where: checks(found) for where, found in seed.items()}},
         "val_extra": [],
+        "rounds_held_out": rows(final=None)[3:4],
         "ladder": [],
     }
     text = tables(report)
@@ -51,3 +52,4 @@ def test_tables_show_verdicts_and_dashes() -> None:
     assert "| control | 21.0 | - |" in text
     assert f"| 0 | held-out | {WEAK} | NO |" in text and f"| 0 | held-out | {ROUND} | not measured |" in text
     assert f"| 0 | val | {ROUND} | yes |" in text
+    assert f"| final{NOT_MADE} | - | - |" in text  # the held-out rounds' folds: dashes until it is trained
