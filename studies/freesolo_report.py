@@ -225,6 +225,9 @@ def seed_rows(
     return rows
 
 
+ROUND_ROW = 3  # seed_rows' order: colour baseline, coarse masks, weak SOLO, the self-training round, its control
+
+
 def checks(rows: list[dict[str, Any]]) -> dict[str, bool | None]:
     """Issue 15's acceptance on one run's rows (colour, coarse, weak, self-trained, control); None: not measured."""
     colour, coarse, weak, final, control = (row["AP"] for row in rows)
@@ -259,20 +262,22 @@ def val_extra_rows(work: Path, data: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def round_rows(work: Path, holdout: Path, parts: list[COCO]) -> list[dict[str, Any]]:
+def round_rows(
+    work: Path, holdout: Path, parts: list[COCO], preset_rounds: dict[int, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Each seed's two self-training rounds on the held-out set, where half a point is more than noise: the preset's
-    (pseudo-labels and the coarse masks none of them covers) and the paper's (pseudo-labels alone)."""
+    (``preset_rounds``: its row of the seed's held-out stage table, already measured) and the paper's (pseudo-labels
+    alone)."""
     images, ann = holdout / "val", holdout / "val.json"
     truth, cache = load_ground_truth(ann), work / CACHE
-    models = {}
-    for seed in SEEDS:
-        models[f"seed {seed}: the preset's round (pseudo-labels + uncovered coarse masks)"] = final_model(
-            run_folder(work, seed)
-        )
-        models[f"seed {seed}: the paper's round (pseudo-labels only)"] = paper_round_folder(work, seed) / "model.pt"
-    return [
-        measured_row(name, truth, trained_results(model, images, ann, cache), parts) for name, model in models.items()
-    ]
+    rows = []
+    for seed, preset in preset_rounds.items():
+        marker = NOT_MADE if preset["name"].endswith(NOT_MADE) else ""
+        name = f"seed {seed}: the preset's round (pseudo-labels + uncovered coarse masks)"
+        rows.append({**preset, "name": name + marker})
+        paper = trained_results(paper_round_folder(work, seed) / "model.pt", images, ann, cache)
+        rows.append(measured_row(f"seed {seed}: the paper's round (pseudo-labels only)", truth, paper, parts))
+    return rows
 
 
 VERDICT = {None: "not measured", True: "yes", False: "NO"}
@@ -354,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         report["seeds"][seed] = {"val": on_val, "held-out": on_holdout}
         report["checks"][seed] = {"val": checks(on_val), "held-out": checks(on_holdout)}
     report["val_extra"] = val_extra_rows(work, data)
-    report["rounds_held_out"] = round_rows(work, holdout, holdout_parts)
+    preset_rounds = {seed: per_set["held-out"][ROUND_ROW] for seed, per_set in report["seeds"].items()}
+    report["rounds_held_out"] = round_rows(work, holdout, holdout_parts, preset_rounds)
     report["ladder"] = ladder_rows(work, data, work / CACHE)
     report["held_out"] = {"images": HOLDOUT_IMAGES, "seed": HOLDOUT_SEED, "folds": HOLDOUT_FOLDS}
     report["hours_of_this_invocation"] = round((time.perf_counter() - started) / 3600, 2)
